@@ -1,0 +1,86 @@
+"""Engine-wide options: what model, where it runs, and how much memory and work a step may take."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3  # bytes; ~46k tokens of SmolLM2-135M KV in fp32
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(set(_DTYPES))}, got {dtype!r}") from None
+
+
+def parse_memory(value: int | str) -> int:
+    """Accept bytes as an int or a string such as '512MiB', '2GiB', '1.5GB'."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().lower().replace(" ", "")
+    units = {
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "k": 2**10,
+        "m": 2**20,
+        "g": 2**30,
+        "b": 1,
+    }
+    for suffix, scale in units.items():
+        if text.endswith(suffix):
+            try:
+                return int(float(text[: -len(suffix)]) * scale)
+            except ValueError:
+                break
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"kv_cache_memory must be bytes or a size like '2GiB', got {value!r}") from None
+
+
+@dataclass
+class EngineConfig:
+    """Options of one engine. Validated in __post_init__ so a bad option fails before the model loads."""
+
+    model: str | None = None  # alias, .gguf path or HF folder; None: the embedded default model
+    dtype: str | torch.dtype = "float32"
+    device: str | torch.device = "cpu"
+    kv_cache_memory: int | str = DEFAULT_KV_CACHE_MEMORY  # bytes for K and V of all layers
+    block_size: int = 16  # tokens per KV block
+    max_num_batched_tokens: int = 2048  # token budget per step (prompt chunks + decodes)
+    max_num_seqs: int = 128  # sequences running at once
+    max_model_len: int | None = None  # default: the model's context length
+    enable_prefix_caching: bool = True
+    seed: int = 0  # seeds generators of requests that give no seed
+    threads: int | None = None  # torch intra-op threads; None: leave torch's default
+
+    def __post_init__(self) -> None:
+        self.torch_dtype = parse_dtype(self.dtype)
+        self.torch_device = torch.device(self.device)
+        self.kv_cache_memory = parse_memory(self.kv_cache_memory)
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "kv_cache_memory"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")

@@ -1,0 +1,287 @@
+"""The synchronous engine: admission checks, the step loop, detokenization, stop checks, outputs."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.model_runner import ModelRunner
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.sequence import Request, Sequence, SequenceStatus
+from tokenmill.layers.sampler import Sampler, SampleResult
+from tokenmill.models.registry import load_model
+from tokenmill.models.source import resolve_model
+from tokenmill.models.tokenizer import IncrementalDetokenizer, Tokenizer
+from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptInput = str | list[int] | dict[str, Any]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        self.source = resolve_model(config.model)
+        loaded = load_model(self.source, config.torch_device, config.torch_dtype, config.max_model_len)
+        self.model_config = loaded.config
+        self.tokenizer: Tokenizer = loaded.tokenizer
+        self.max_model_len = loaded.max_model_len
+        element_size = torch.empty((), dtype=config.torch_dtype).element_size()
+        self.kv_bytes_per_token = self.model_config.kv_bytes_per_token(element_size)
+        num_blocks = config.kv_cache_memory // (self.kv_bytes_per_token * config.block_size)
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of {config.block_size} tokens "
+                f"({self.kv_bytes_per_token * config.block_size} bytes each)"
+            )
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching, extra_key=str(config.torch_dtype)
+        )
+        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        self.runner = ModelRunner(
+            loaded.model,
+            self.model_config,
+            num_blocks,
+            config.block_size,
+            config.torch_device,
+            config.torch_dtype,
+            Sampler(self.tokenizer.eos_token_ids),
+        )
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._seed_rng = torch.Generator().manual_seed(config.seed)
+
+    # ---- capacity ------------------------------------------------------------------------------
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.config.block_size
+
+    @property
+    def model_name(self) -> str:
+        return self.source.name
+
+    # ---- admission -----------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        """A prompt as text, as token ids, or as {"prompt": ...} / {"prompt_token_ids": [...]}."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+            return None, ids
+        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def add_request(
+        self,
+        prompt: PromptInput,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        params = params or SamplingParams()
+        text, ids = self.tokenize_prompt(prompt)
+        n_prompt = len(ids)
+        if n_prompt == 0:
+            raise ValueError("prompt is empty (it has no tokens)")
+        if n_prompt >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {n_prompt} tokens, which leaves no room in the model's context of "
+                f"{self.max_model_len} tokens"
+            )
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n_prompt
+        if n_prompt + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens={max_tokens} is too large: the prompt has {n_prompt} tokens and the context holds "
+                f"{self.max_model_len}, so at most {self.max_model_len - n_prompt} new tokens fit"
+            )
+        if n_prompt + max_tokens > self.kv_capacity_tokens:
+            raise ValueError(
+                f"prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the KV cache capacity of "
+                f"{self.kv_capacity_tokens} tokens; raise kv_cache_memory or lower max_tokens"
+            )
+        if request_id is None:
+            request_id = f"req-{next(self._request_ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = Request(request_id, text, ids, params)
+        for index in range(params.n):
+            seq = self._new_sequence(request, index, max_tokens)
+            if index > 0:
+                seq.fork_parent = request.seqs[0]
+            request.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+        return request
+
+    def _new_sequence(self, request: Request, index: int, max_tokens: int) -> Sequence:
+        params = request.params
+        if params.seed is not None:
+            seed = params.seed + index
+        else:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+        generator = torch.Generator(device=self.config.torch_device).manual_seed(seed)
+        return Sequence(
+            seq_id=next(self._seq_ids),
+            request=request,
+            index=index,
+            token_ids=list(request.prompt_token_ids),
+            generator=generator,
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer, request.prompt_token_ids, params.skip_special_tokens
+            ),
+            max_tokens=max_tokens,
+            logprobs=[] if params.logprobs is not None else None,
+        )
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks. Unknown or finished ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                self._finish(seq, "abort")
+        return self._make_output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward pass, and return outputs of the requests that advanced."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        results = self.runner.run(batch)
+        now = time.time()
+        touched: dict[str, Request] = {}
+        for scheduled in batch.seqs:
+            seq = scheduled.seq
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.metrics.first_scheduled_time = now
+            seq.num_computed_tokens += scheduled.num_new_tokens
+            self.block_manager.commit(seq)
+            result = results.get(seq.seq_id)
+            if result is None:
+                continue
+            self._append_token(seq, result, now)
+            touched[seq.request.request_id] = seq.request
+        outputs = []
+        for request in touched.values():
+            outputs.append(self._make_output(request))
+            if request.finished:
+                self.requests.pop(request.request_id, None)
+        return outputs
+
+    def _append_token(self, seq: Sequence, result: SampleResult, now: float) -> None:
+        params = seq.params
+        token = result.token_id
+        seq.token_ids.append(token)
+        metrics = seq.request.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        if seq.logprobs is not None and result.logprob is not None:
+            seq.logprobs.append(self._logprob_entry(result))
+            seq.cumulative_logprob += result.logprob
+        delta = seq.detokenizer.step([token])
+        seq.output_text += delta
+        n_out = seq.num_output_tokens
+        if n_out >= params.min_tokens:
+            if not params.ignore_eos and token in self.tokenizer.eos_token_ids:
+                return self._finish_and_free(seq, "stop")
+            if token in params.stop_token_ids:
+                seq.stop_reason = token
+                return self._finish_and_free(seq, "stop")
+            if params.stop and delta:
+                hit = self._find_stop(seq.output_text, len(delta), params.stop)
+                if hit is not None:
+                    cut, stop = hit
+                    seq.output_text = seq.output_text[:cut]
+                    seq.stop_reason = stop
+                    return self._finish_and_free(seq, "stop")
+        if n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            return self._finish_and_free(seq, "length")
+
+    @staticmethod
+    def _find_stop(text: str, delta_len: int, stops: Iterable[str]) -> tuple[int, str] | None:
+        """Earliest stop string that ends inside the new text (it may start in earlier tokens)."""
+        best: tuple[int, str] | None = None
+        for stop in stops:
+            start = max(0, len(text) - delta_len - len(stop) + 1)
+            idx = text.find(stop, start)
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, stop)
+        return best
+
+    def _logprob_entry(self, result: SampleResult) -> dict[int, Logprob]:
+        decode = self.tokenizer.decode
+        entry = {result.token_id: Logprob(result.logprob, result.rank, decode([result.token_id], False))}
+        for rank, (token_id, lp) in enumerate(result.top or [], start=1):
+            if token_id not in entry:
+                entry[token_id] = Logprob(lp, rank, decode([token_id], False))
+        return entry
+
+    def _finish_and_free(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.remove(seq)
+        self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        if seq.request.finished:
+            seq.request.metrics.finish_time = time.time()
+
+    # ---- outputs -------------------------------------------------------------------------------
+    def _visible_text(self, seq: Sequence) -> str:
+        """Hold back the tail that could still become a stop string, so it is never shown."""
+        if seq.is_finished or not seq.params.stop:
+            return seq.output_text
+        hold = max(len(s) for s in seq.params.stop) - 1
+        return seq.output_text[: len(seq.output_text) - hold] if hold else seq.output_text
+
+    def _make_output(self, request: Request) -> RequestOutput:
+        outputs = [
+            CompletionOutput(
+                index=seq.index,
+                text=self._visible_text(seq),
+                token_ids=list(seq.output_token_ids),
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+            )
+            for seq in request.seqs
+        ]
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=list(request.prompt_token_ids),
+            outputs=outputs,
+            finished=request.finished,
+            metrics=request.metrics,
+            num_cached_tokens=request.seqs[0].num_cached_tokens,
+        )

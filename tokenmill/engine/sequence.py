@@ -1,0 +1,79 @@
+"""A Sequence is one completion being generated; a Request groups the n sequences of one prompt."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenmill.models.tokenizer import IncrementalDetokenizer
+from tokenmill.outputs import RequestMetrics, TokenLogprobs
+from tokenmill.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # not yet scheduled, or preempted and to be recomputed
+    RUNNING = "running"  # holds KV blocks
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: Request
+    index: int  # which of the request's n completions
+    token_ids: list[int]  # prompt followed by generated tokens
+    generator: torch.Generator
+    detokenizer: IncrementalDetokenizer
+    max_tokens: int
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # prefix hashes of the full computed blocks
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    output_text: str = ""
+    logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float = 0.0
+    fork_parent: Sequence | None = None  # for n > 1: share this sequence's prompt blocks (copy-on-write)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first scheduling
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)

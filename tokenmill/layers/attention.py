@@ -1,0 +1,98 @@
+"""Paged attention over a flat (ragged) token batch.
+
+The batch puts single-token decodes first (one per sequence) and then prompt chunks. New K/V are written
+into the paged cache at `slot_mapping`; queries then attend over their sequence's blocks. Everything a
+layer needs about the batch travels in `AttentionMetadata`, built once per step by the model runner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence with several query tokens: queries [start, start+length) see `context_len` cached keys."""
+
+    query_start: int
+    query_len: int
+    context_len: int  # keys visible to the last query (cached prefix + this chunk)
+    block_table: torch.Tensor  # [num_blocks] block ids covering context_len
+    mask: torch.Tensor | None  # [query_len, context_len] bool, None when the chunk is the whole context
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V goes: block_id * block_size + offset
+    num_decode_tokens: int  # the first tokens of the batch: one query per decoding sequence
+    decode_block_tables: torch.Tensor  # [B, max_blocks]
+    decode_mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] True where a key is visible
+    prefills: list[PrefillSpan]
+
+
+class TorchAttention:
+    """Reference backend: gather blocks by table, then `scaled_dot_product_attention`.
+
+    Decode queries of the G heads that share one KV head are stacked as G "query rows" of that KV head,
+    so grouped-query attention needs no repeat of K/V.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.group = num_heads // num_kv_heads
+        self.scale = head_dim**-0.5
+
+    def __call__(
+        self,
+        q: torch.Tensor,  # [T, H, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        hkv, d = self.num_kv_heads, self.head_dim
+        k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        nd = meta.num_decode_tokens
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
+        for span in meta.prefills:
+            s, e = span.query_start, span.query_start + span.query_len
+            out[s:e] = self._prefill(q[s:e], k[s:e], v[s:e], k_cache, v_cache, span)
+        return out
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata):
+        b = q.shape[0]
+        hkv, d = self.num_kv_heads, self.head_dim
+        keys = k_cache[meta.decode_block_tables].view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
+        values = v_cache[meta.decode_block_tables].view(b, -1, hkv, d).transpose(1, 2)
+        queries = q.view(b, hkv, self.group, d)  # heads of one KV group as query rows
+        o = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=meta.decode_mask, scale=self.scale
+        )
+        return o.reshape(b, self.num_heads, d)
+
+    def _prefill(self, q, k, v, k_cache, v_cache, span: PrefillSpan) -> torch.Tensor:
+        hkv, d = self.num_kv_heads, self.head_dim
+        if span.mask is None:  # no cached prefix: attend to this chunk's own keys
+            keys, values = k, v
+        else:
+            keys = k_cache[span.block_table].view(-1, hkv, d)[: span.context_len]
+            values = v_cache[span.block_table].view(-1, hkv, d)[: span.context_len]
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),
+            keys.transpose(0, 1).unsqueeze(0),
+            values.transpose(0, 1).unsqueeze(0),
+            attn_mask=span.mask,
+            is_causal=span.mask is None,
+            scale=self.scale,
+            enable_gqa=self.group > 1,
+        )
+        return o.squeeze(0).transpose(0, 1)

@@ -1,0 +1,158 @@
+"""GGUF files: metadata -> ModelConfig, tensors -> torch (dequantized with the `gguf` package).
+
+Tensors come out under Hugging Face names so that one weight-loading path serves GGUF and HF models.
+llama.cpp's converter permutes Llama Q/K rows for its interleaved rotary layout; we undo that here so the
+model can use the half-split ("rotate_half") rotary that HF checkpoints use.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from tokenmill.models.model_config import ModelConfig
+
+Q = GGMLQuantizationType
+SUPPORTED_TYPES = {
+    Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+}  # fmt: skip
+SUPPORTED_ARCHITECTURES = {"llama", "qwen2", "mistral"}
+_PERMUTED_ARCHITECTURES = {"llama", "mistral"}  # llama.cpp's converter permutes Q/K only for these
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+class GGUFModel:
+    """An open GGUF file: its metadata as plain Python values and lazily dequantized tensors."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.reader = GGUFReader(str(self.path))
+        except Exception as exc:  # the gguf package raises bare ValueErrors on a bad magic or version
+            raise ValueError(f"{self.path} is not a readable GGUF file: {exc}") from exc
+        self.metadata: dict[str, Any] = {}
+        for key, field in self.reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            self.metadata[key] = field.contents()
+        self.architecture = str(self.metadata.get("general.architecture", ""))
+
+    def model_config(self) -> ModelConfig:
+        arch = self.architecture
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported model architecture {arch!r} in {self.path.name}; "
+                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        m = self.metadata
+
+        def get(key: str, default: Any = None) -> Any:
+            return m.get(f"{arch}.{key}", default)
+
+        num_heads = int(get("attention.head_count"))
+        hidden = int(get("embedding_length"))
+        head_dim = int(
+            get("attention.key_length", 0) or get("rope.dimension_count", 0) or hidden // num_heads
+        )
+        tensor_names = {t.name for t in self.reader.tensors}
+        vocab = get("vocab_size") or len(m.get("tokenizer.ggml.tokens", []))
+        rope_scaling: dict[str, Any] | None = None
+        if "rope_freqs.weight" in tensor_names:  # llama3-style scaling baked into per-dim factors
+            factors = self._tensor_by_name("rope_freqs.weight")
+            rope_scaling = {"rope_type": "freq_factors", "factors": factors.tolist()}
+        elif get("rope.scaling.type") == "linear":
+            rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor", 1.0))}
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_layers=int(get("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(get("attention.head_count_kv", num_heads)),
+            head_dim=head_dim,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(get("context_length", 4096)),
+            tie_word_embeddings="output.weight" not in tensor_names,
+            attention_bias="blk.0.attn_q.bias" in tensor_names,
+        )
+
+    def _tensor_by_name(self, name: str) -> np.ndarray:
+        for t in self.reader.tensors:
+            if t.name == name:
+                return self._dequantize(t)
+        raise KeyError(name)
+
+    def _dequantize(self, tensor: Any) -> np.ndarray:
+        qtype = GGMLQuantizationType(tensor.tensor_type)
+        if qtype not in SUPPORTED_TYPES:
+            raise ValueError(
+                f"tensor {tensor.name} in {self.path.name} uses quantization type {qtype.name}, which is not "
+                f"supported; supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))}"
+            )
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists the fastest dim first
+        return np.array(dequantize(tensor.data, qtype), dtype=np.float32).reshape(shape)  # a writable copy
+
+    def tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (HF name, float32 tensor) for every weight the model needs."""
+        for t in self.reader.tensors:
+            if t.name == "rope_freqs.weight":
+                continue
+            hf_name = _hf_name(t.name)
+            if hf_name is None:
+                continue  # e.g. unused rope tables; the model validates that nothing it needs is missing
+            array = self._dequantize(t)
+            if config.architecture in _PERMUTED_ARCHITECTURES:
+                if hf_name.endswith("q_proj.weight"):
+                    array = _unpermute(array, config.num_heads)
+                elif hf_name.endswith("k_proj.weight"):
+                    array = _unpermute(array, config.num_kv_heads)
+            yield hf_name, torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _BLOCK_RE.match(gguf_name)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+    return None
+
+
+def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Invert llama.cpp's `permute`: rows (head, rot_half, pair) -> (head, pair, rot_half)."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )

@@ -1,0 +1,53 @@
+"""Architecture name -> model class, and the one function that turns a ModelSource into a ready model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.models.gguf import GGUFModel
+from tokenmill.models.hf import HFModel
+from tokenmill.models.llama import LlamaModel
+from tokenmill.models.model_config import ModelConfig
+from tokenmill.models.source import ModelSource
+from tokenmill.models.tokenizer import Tokenizer
+
+MODEL_CLASSES: dict[str, type[LlamaModel]] = {
+    "llama": LlamaModel,
+    "mistral": LlamaModel,
+    "qwen2": LlamaModel,
+}
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaModel
+    config: ModelConfig
+    tokenizer: Tokenizer
+    max_model_len: int
+
+
+def load_model(
+    source: ModelSource, device: torch.device, dtype: torch.dtype, max_model_len: int | None = None
+) -> LoadedModel:
+    checkpoint: GGUFModel | HFModel
+    if source.kind == "gguf":
+        checkpoint = GGUFModel(source.path)
+        config = checkpoint.model_config()
+        tokenizer = Tokenizer.from_gguf_metadata(checkpoint.metadata)
+    else:
+        checkpoint = HFModel(source.path)
+        config = checkpoint.model_config()
+        tokenizer = Tokenizer.from_hf_dir(source.path)
+    cls = MODEL_CLASSES.get(config.architecture)
+    if cls is None:
+        raise ValueError(f"unsupported model architecture {config.architecture!r}")
+    context = config.max_position_embeddings
+    if max_model_len is None:
+        max_model_len = context
+    elif max_model_len > context:
+        raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {context}")
+    model = cls(config, device, dtype, max_positions=max_model_len)
+    model.load_weights(checkpoint.tensors(config))
+    return LoadedModel(model, config, tokenizer, max_model_len)
