@@ -125,13 +125,13 @@ class Scheduler:
         parent = seq.fork_parent
         if parent is not None:
             shared = seq.num_prompt_tokens - 1  # the last prompt token is recomputed for its own logits
-            if parent.status is SequenceStatus.RUNNING and parent.num_computed_tokens >= shared:
+            if parent.status is not SequenceStatus.FINISHED:
+                if parent.status is not SequenceStatus.RUNNING or parent.num_computed_tokens < shared:
+                    return False
                 bm.fork(parent, seq, shared)
                 seq.num_cached_tokens = shared
                 seq.fork_parent = None
                 return True
-            if parent.status is SequenceStatus.WAITING:
-                return False
             seq.fork_parent = None  # parent finished early: fall back to the prefix cache
         if seq.num_computed_tokens == 0 and not seq.block_table:
             ids, hashes = bm.find_cached_prefix(seq)
