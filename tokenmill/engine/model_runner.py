@@ -95,6 +95,7 @@ class ModelRunner:
             decode_block_tables=torch.tensor(tables, dtype=torch.long, device=dev).view(
                 len(decodes), max_blocks
             ),
+            decode_context_lens=context_lens.to(dev),
             decode_mask=decode_mask.to(dev).view(len(decodes), 1, 1, max_blocks * bs),
             prefills=spans,
         )

@@ -29,18 +29,21 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V goes: block_id * block_size + offset
     num_decode_tokens: int  # the first tokens of the batch: one query per decoding sequence
     decode_block_tables: torch.Tensor  # [B, max_blocks]
+    decode_context_lens: torch.Tensor  # [B] keys visible to each decode query (including its own)
     decode_mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] True where a key is visible
     prefills: list[PrefillSpan]
 
 
 class TorchAttention:
-    """Reference backend: gather blocks by table, then `scaled_dot_product_attention`.
+    """Reference backend: gather blocks by table, then `scaled_dot_product_attention`. On the CPU, decodes
+    go to a C++ kernel that reads the blocks in place when it could be built.
 
     Decode queries of the G heads that share one KV head are stacked as G "query rows" of that KV head,
     so grouped-query attention needs no repeat of K/V.
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, decode_kernel=None):
+        self.decode_kernel = decode_kernel  # the C++ paged decode kernel (CPU), or None for pure torch
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -69,6 +72,10 @@ class TorchAttention:
         return out
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata):
+        if self.decode_kernel is not None:
+            return self.decode_kernel(
+                q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scale
+            )
         b = q.shape[0]
         hkv, d = self.num_kv_heads, self.head_dim
         keys = k_cache[meta.decode_block_tables].view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.layers.attention import AttentionMetadata, TorchAttention
+from tokenmill.layers.cpu_kernels import load_cpu_kernels
 from tokenmill.layers.linear import DenseLinear
 from tokenmill.layers.norm import rms_norm
 from tokenmill.layers.rotary import RotaryEmbedding
@@ -41,7 +42,13 @@ class LlamaModel:
         self.rotary = RotaryEmbedding(
             config.head_dim, max_positions, config.rope_theta, config.rope_scaling, device, dtype
         )
-        self.attention = TorchAttention(config.num_heads, config.num_kv_heads, config.head_dim)
+        kernels = load_cpu_kernels() if device.type == "cpu" else None
+        self.attention = TorchAttention(
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            decode_kernel=kernels.paged_decode_attention if kernels is not None else None,
+        )
         c = config
         self._q_size = c.num_heads * c.head_dim
         self._kv_size = c.num_kv_heads * c.head_dim

@@ -1,0 +1,493 @@
+"""The engine loop in a background thread, with one async stream per request.
+
+`LLMEngine` is synchronous and not thread-safe, so exactly one thread touches it: the loop thread. It
+drains a thread-safe command queue (add / abort / stop) between steps, runs `step()`, and hands each
+request's outputs to that request's `asyncio.Queue` through `loop.call_soon_threadsafe`. Torch releases
+the GIL inside its ops, so the event loop stays responsive while a step runs.
+
+Admission happens in the loop thread too (it owns the scheduler's view of the waiting queue); its result
+comes back through an asyncio future, so `add_request` raises `ValueError` (a bad request) or
+`QueueFullError` before any output is streamed. A consumer that stops iterating (a client disconnect
+cancels its task, or it closes the generator) aborts its request, which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.llm_engine import LLMEngine, PromptInput
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AsyncLLMEngine",
+    "EngineDeadError",
+    "EngineError",
+    "EngineShuttingDownError",
+    "EngineStats",
+    "QueueFullError",
+    "RequestStream",
+]
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request; the request's stream ends with this error."""
+
+
+class EngineDeadError(EngineError):
+    """The engine loop has stopped after a failure it could not recover from; no request is admitted."""
+
+
+class EngineShuttingDownError(RuntimeError):
+    """The engine stopped admitting requests because it is shutting down."""
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its limit (`max_waiting`); the caller should retry later."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot published by the loop thread after every iteration (safe to read from any thread)."""
+
+    num_requests_running: int = 0  # requests with at least one sequence holding KV blocks
+    num_requests_waiting: int = 0  # admitted requests with no running sequence yet (or preempted)
+    num_seqs_running: int = 0
+    num_seqs_waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    prefix_cache_hit_rate: float = 0.0
+    num_preemptions: int = 0
+
+
+_ADD, _ABORT, _STOP = "add", "abort", "stop"
+
+
+class RequestStream:
+    """Async iterator over one request's outputs (cumulative snapshots; a slow consumer gets the latest).
+
+    Ends after the output with `finished=True`; raises `EngineError` if the engine failed the request.
+    `abort()` (sync, idempotent) cancels the request; leaving an unfinished stream should always abort it.
+    """
+
+    def __init__(self, request_id: str, owner: AsyncLLMEngine, loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self.loop = loop
+        self._owner = owner
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._done = False  # the final output or an error has been handed to the consumer
+        self._closed = False  # the final output or an error has been delivered to the queue
+        self._aborted = False
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    def _put(self, item: RequestOutput | BaseException) -> None:  # on the event loop
+        if self._closed:
+            return
+        if isinstance(item, BaseException) or item.finished:
+            self._closed = True
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        # Outputs are cumulative: skip to the newest one already queued.
+        while not self._queue.empty() and not isinstance(item, BaseException) and not item.finished:
+            item = self._queue.get_nowait()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finished:
+            self._done = True
+        return item
+
+    def abort(self) -> None:
+        """Stop the request and free its blocks; a no-op once it has finished."""
+        if self._done or self._aborted:
+            return
+        self._aborted = True
+        self._owner._abort_nowait(self.request_id)
+
+
+class AsyncLLMEngine:
+    """Runs an `LLMEngine` in one background thread and serves it to asyncio code.
+
+    Public API:
+      `await add_request(prompt, params, request_id)` -> RequestStream  (raises on admission errors)
+      `generate(prompt, params, request_id)` -> async iterator of RequestOutput
+      `await abort(request_id)`, `stop_admission()`, `await shutdown(timeout)`, `start()`
+      read-only: tokenizer, model_config, max_model_len, kv_capacity_tokens, model_name, config, stats
+    """
+
+    def __init__(self, engine: LLMEngine, max_waiting: int | None = None):
+        if max_waiting is not None and max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1 (or None for no limit), got {max_waiting}")
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # orders command submission against the loop thread's exit
+        self._closed = False  # the loop thread has exited (or never will run again)
+        self._accepting = True
+        self._dead: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._streams: dict[str, RequestStream] = {}  # loop thread only
+        self._active: set[RequestStream] = set()  # event loop side: admitted, not yet finished
+        self._stats = EngineStats(kv_blocks_total=engine.block_manager.num_blocks)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, max_waiting: int | None = None) -> AsyncLLMEngine:
+        return cls(LLMEngine(config), max_waiting=max_waiting)
+
+    @classmethod
+    def from_engine_args(
+        cls, model: str | None = None, max_waiting: int | None = None, **engine_options: Any
+    ) -> AsyncLLMEngine:
+        return cls.from_config(EngineConfig(model=model, **engine_options), max_waiting=max_waiting)
+
+    # ---- read-only facts (immutable after load, safe from any thread) ---------------------------
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_config(self):
+        return self.engine.model_config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.engine.kv_capacity_tokens
+
+    @property
+    def kv_capacity_bytes(self) -> int:
+        return self.engine.kv_capacity_tokens * self.engine.kv_bytes_per_token
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    @property
+    def num_active_requests(self) -> int:
+        return len(self._active)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead is not None
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting and not self._closed and self._dead is None
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the loop thread (idempotent)."""
+        with self._lock:
+            if self._thread is not None or self._closed:
+                return
+            self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
+            self._thread.start()
+
+    def stop_admission(self) -> None:
+        """New requests are refused with EngineShuttingDownError; admitted ones run on (signal-safe)."""
+        self._accepting = False
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop admission, wait up to `timeout` seconds for in-flight requests, abort the rest, stop."""
+        self.stop_admission()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        while self._active and self.is_running and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self._active:
+            logger.warning("shutdown: aborting %d unfinished request(s)", len(self._active))
+        self._submit((_STOP,))
+        thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 30.0)
+        with self._lock:
+            self._closed = True
+
+    # ---- requests -------------------------------------------------------------------------------
+    async def add_request(
+        self,
+        prompt: PromptInput,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        """Admit a request and return its output stream.
+
+        Raises ValueError (invalid request: prompt too long, bad token ids, id in use, ...), QueueFullError,
+        EngineShuttingDownError or EngineDeadError before anything is streamed."""
+        if self._dead is not None:
+            raise EngineDeadError("the engine has stopped after an error")
+        if not self._accepting:
+            raise EngineShuttingDownError("the server is shutting down")
+        self.start()
+        loop = asyncio.get_running_loop()
+        if request_id is None:
+            request_id = f"req-{uuid.uuid4().hex}"
+        stream = RequestStream(request_id, self, loop)
+        future: asyncio.Future[None] = loop.create_future()
+        self._submit((_ADD, prompt, params or SamplingParams(), request_id, stream, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            self._abort_nowait(request_id)  # the add may still succeed in the loop thread
+            raise
+        if not stream._closed:  # its final output may already have been delivered
+            self._active.add(stream)
+        return stream
+
+    async def generate(
+        self,
+        prompt: PromptInput,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs until it finishes. Admission errors are raised by the first
+        `__anext__`, before any output; closing or cancelling the iteration aborts the request."""
+        stream = await self.add_request(prompt, params, request_id)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.abort()
+
+    async def abort(self, request_id: str) -> None:
+        self._abort_nowait(request_id)
+
+    def _abort_nowait(self, request_id: str) -> None:
+        self._submit((_ABORT, request_id))
+
+    def _submit(self, command: tuple[Any, ...]) -> None:
+        with self._lock:
+            if not self._closed:
+                self._commands.put(command)
+                return
+        # The loop thread is gone: answer here so that no caller waits forever.
+        if command[0] == _ADD:
+            stream, future = command[4], command[5]
+            error: BaseException = (
+                EngineDeadError("the engine has stopped after an error")
+                if self._dead is not None
+                else EngineShuttingDownError("the engine has shut down")
+            )
+            _resolve_threadsafe(stream.loop, future, error)
+
+    # ---- the loop thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        wait: float | None = None  # how long to block for commands: None forever, 0 not at all
+        try:
+            while True:
+                commands = self._take_commands(None if not engine.has_unfinished_requests() else wait)
+                stop = False
+                for command in commands:
+                    if command[0] == _ADD:
+                        self._handle_add(*command[1:])
+                    elif command[0] == _ABORT:
+                        self._handle_abort(command[1])
+                    else:
+                        stop = True
+                if stop:
+                    self._abort_all()
+                    break
+                wait = 0.0
+                if engine.has_unfinished_requests():
+                    try:
+                        outputs = engine.step()
+                    except Exception as exc:
+                        logger.exception("engine step failed; failing the requests in flight")
+                        if not self._recover(exc):
+                            break
+                    else:
+                        self._dispatch(outputs)
+                        if not outputs:
+                            wait = 0.001  # nothing sampled this step: don't spin if nothing can run
+                self._publish_stats()
+        except BaseException as exc:  # a bug in the loop itself: fail everything, never hang a client
+            logger.exception("engine loop crashed")
+            self._dead = exc
+            self._fail_all(EngineDeadError("the engine loop crashed"))
+        finally:
+            self._publish_stats()
+            with self._lock:
+                self._closed = True
+            # Commands submitted before _closed was set would never be processed: answer them.
+            while True:
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if command[0] == _ADD:
+                    error: BaseException = (
+                        EngineDeadError("the engine has stopped after an error")
+                        if self._dead is not None
+                        else EngineShuttingDownError("the engine has shut down")
+                    )
+                    _resolve_threadsafe(command[4].loop, command[5], error)
+
+    def _take_commands(self, timeout: float | None) -> list[tuple[Any, ...]]:
+        commands = []
+        try:
+            if timeout is None:
+                commands.append(self._commands.get())
+            elif timeout > 0:
+                commands.append(self._commands.get(timeout=timeout))
+        except queue.Empty:
+            return commands
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _num_waiting_requests(self) -> int:
+        scheduler = self.engine.scheduler
+        running = {seq.request.request_id for seq in scheduler.running}
+        return len({seq.request.request_id for seq in scheduler.waiting} - running)
+
+    def _handle_add(
+        self,
+        prompt: PromptInput,
+        params: SamplingParams,
+        request_id: str,
+        stream: RequestStream,
+        future: asyncio.Future[None],
+    ) -> None:
+        try:
+            if not self._accepting:
+                raise EngineShuttingDownError("the server is shutting down")
+            if self.max_waiting is not None and self._num_waiting_requests() >= self.max_waiting:
+                raise QueueFullError(
+                    f"the server is busy: {self.max_waiting} request(s) are already waiting; retry later"
+                )
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self.engine.add_request(prompt, params, request_id)
+        except Exception as exc:
+            _resolve_threadsafe(stream.loop, future, exc)
+            return
+        self._streams[request_id] = stream
+        _resolve_threadsafe(stream.loop, future, None)
+
+    def _handle_abort(self, request_id: str) -> None:
+        output = self.engine.abort_request(request_id)
+        stream = self._streams.pop(request_id, None)
+        if stream is not None and output is not None:
+            self._deliver_threadsafe([(stream, output)])
+
+    def _abort_all(self) -> None:
+        for request_id in list(self.engine.requests):
+            self._handle_abort(request_id)
+        self._fail_all(EngineShuttingDownError("the engine has shut down"))
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        items = []
+        for output in outputs:
+            if output.finished:
+                stream = self._streams.pop(output.request_id, None)
+            else:
+                stream = self._streams.get(output.request_id)
+            if stream is not None:
+                items.append((stream, output))
+        self._deliver_threadsafe(items)
+
+    def _recover(self, exc: BaseException) -> bool:
+        """After a failed step: fail the streams in flight, abort their requests, and go on if the engine
+        is back to a clean state (no request, no used block). Returns False if the engine is now dead."""
+        self._fail_all(EngineError("the engine failed while running this request"))
+        for request_id in list(self.engine.requests):
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:
+                logger.exception("abort after a failed step failed")
+        bm, scheduler = self.engine.block_manager, self.engine.scheduler
+        if self.engine.requests or scheduler.has_work() or bm.num_used_blocks:
+            logger.error("the engine is not clean after a failed step; refusing new requests")
+            self._dead = exc
+            return False
+        return True
+
+    def _fail_all(self, error: BaseException) -> None:
+        streams, self._streams = list(self._streams.values()), {}
+        self._deliver_threadsafe([(stream, error) for stream in streams])
+
+    def _deliver_threadsafe(self, items: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream, item in items:
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._deliver, batch)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    def _deliver(self, batch: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
+        for stream, item in batch:  # on the event loop
+            stream._put(item)
+            if stream._closed:
+                self._active.discard(stream)
+
+    def _publish_stats(self) -> None:
+        scheduler, bm = self.engine.scheduler, self.engine.block_manager
+        running = {seq.request.request_id for seq in scheduler.running}
+        waiting = {seq.request.request_id for seq in scheduler.waiting} - running
+        self._stats = EngineStats(
+            num_requests_running=len(running),
+            num_requests_waiting=len(waiting),
+            num_seqs_running=len(scheduler.running),
+            num_seqs_waiting=len(scheduler.waiting),
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_total=bm.num_blocks,
+            prefix_cache_hit_rate=bm.stats.hit_rate,
+            num_preemptions=scheduler.num_preemptions,
+        )
+
+
+def _resolve_threadsafe(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[None], error: BaseException | None
+) -> None:
+    def resolve() -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+    try:
+        loop.call_soon_threadsafe(resolve)
+    except RuntimeError:  # the loop is closed
+        pass

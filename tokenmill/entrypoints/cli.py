@@ -1,0 +1,220 @@
+"""`tokenmill generate | chat | serve | bench` — the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from tokenmill.config import DEFAULT_KV_CACHE_MEMORY
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+
+# ---- shared options -------------------------------------------------------------------------------------
+def add_engine_options(p: argparse.ArgumentParser, positional_model: bool = False) -> None:
+    g = p.add_argument_group("engine")
+    model_help = "a .gguf file, a Hugging Face folder, or an alias (default: the embedded SmolLM2-135M-Instruct)"
+    if positional_model:
+        g.add_argument("model", nargs="?", default=None, help=model_help)
+    else:
+        g.add_argument("--model", "-m", default=None, help=model_help)
+    g.add_argument("--dtype", default="float32", help="weights/activations dtype: float32, bfloat16, float16 (default: float32)")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    g.add_argument(
+        "--kv-cache-memory",
+        default=str(DEFAULT_KV_CACHE_MEMORY),
+        help="bytes for the KV cache, e.g. 512MiB or 2GiB (default: 2GiB)",
+    )
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    g.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="token budget of one step: prompt chunks + decodes (default: 2048)"
+    )
+    g.add_argument("--max-num-seqs", type=int, default=128, help="sequences running at once (default: 128)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn off automatic prefix caching")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "dtype": args.dtype,
+        "device": args.device,
+        "kv_cache_memory": args.kv_cache_memory,
+        "block_size": args.block_size,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_num_seqs": args.max_num_seqs,
+        "max_model_len": args.max_model_len,
+        "enable_prefix_caching": not args.no_prefix_caching,
+        "threads": args.threads,
+    }
+
+
+def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most new tokens (default: {max_tokens})")
+    g.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default: 0.7)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: 0, off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (default: 0)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="HF-style repetition penalty (default: 1.0)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty (default: 0)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty (default: 0)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def load_llm(args: argparse.Namespace):
+    from tokenmill.entrypoints.llm import LLM
+
+    print("Loading model...", file=sys.stderr, flush=True)
+    return LLM(args.model, **engine_kwargs(args))
+
+
+def stream(llm, prompt: Any, params: SamplingParams) -> Iterator[str]:
+    """Yield text deltas of one request as the engine produces them."""
+    engine = llm.engine
+    request = engine.add_request(prompt, params)
+    shown = 0
+    try:
+        while not request.finished:
+            for out in engine.step():
+                if out.request_id == request.request_id:
+                    text = out.outputs[0].text
+                    yield text[shown:]
+                    shown = len(text)
+    finally:
+        if not request.finished:
+            engine.abort_request(request.request_id)
+
+
+# ---- commands -------------------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = sampling_params(args)
+    llm = load_llm(args)
+    for delta in stream(llm, args.prompt, params):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = sampling_params(args)
+    llm = load_llm(args)
+    tok = llm.get_tokenizer()
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("Chatting with the model. /exit to leave, /reset to start over.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = {"prompt_token_ids": tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)}
+        reply = []
+        try:
+            for delta in stream(llm, prompt, params):
+                reply.append(delta)
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        except ValueError as exc:  # e.g. the conversation outgrew the context
+            print(f"error: {exc}", file=sys.stderr)
+            messages.pop()
+            continue
+        except KeyboardInterrupt:
+            pass
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from tokenmill.bench.throughput import Workload, format_result, run_batch1, run_throughput, to_json
+
+    llm = load_llm(args)
+    if args.batch_1:
+        result = run_batch1(llm, args.input_len or 128, args.output_len)
+    else:
+        workload = Workload(args.num_prompts, args.min_input_len, args.max_input_len, args.output_len, args.seed)
+        result = run_throughput(llm, workload)
+    print(format_result(result))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            f.write(to_json(result))
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference and serving engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="complete one prompt, streaming the text")
+    p.add_argument("prompt", help="the prompt text")
+    add_engine_options(p)
+    add_sampling_options(p, max_tokens=128)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    add_engine_options(p)
+    add_sampling_options(p, max_tokens=512)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("throughput", help="offline throughput on a fixed synthetic workload")
+    add_engine_options(p)
+    p.add_argument("--num-prompts", type=int, default=64, help="requests in the workload (default: 64)")
+    p.add_argument("--min-input-len", type=int, default=64, help="shortest prompt (default: 64)")
+    p.add_argument("--max-input-len", type=int, default=512, help="longest prompt (default: 512)")
+    p.add_argument("--input-len", type=int, default=None, help="prompt length for --batch-1 (default: 128)")
+    p.add_argument("--output-len", type=int, default=128, help="new tokens per request (default: 128)")
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
+    p.add_argument("--batch-1", action="store_true", help="measure single-stream decode tok/s instead")
+    p.add_argument("--output-json", default=None, help="also write the result as JSON to this file")
+    p.set_defaults(func=cmd_bench_throughput)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"tokenmill: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
