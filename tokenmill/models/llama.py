@@ -123,14 +123,16 @@ class LlamaModel:
         c = self.config
         x = F.embedding(input_ids, self.embed)
         t = x.shape[0]
+        cos, sin = self.rotary.cos_sin(positions)
+        qk_size = self._q_size + self._kv_size
         for i in range(c.num_layers) if layers is None else layers:
             layer = self.layers[i]
             h = rms_norm(x, layer.input_norm, c.rms_norm_eps)
             qkv = layer.qkv(h)
-            q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
-            q = self.rotary(positions, q.view(t, c.num_heads, c.head_dim))
-            k = self.rotary(positions, k.view(t, c.num_kv_heads, c.head_dim))
-            v = v.reshape(t, c.num_kv_heads, c.head_dim)
+            # rotate q and k heads together: they sit side by side in the fused projection
+            qk = self.rotary.apply(qkv[:, : qk_size].view(t, -1, c.head_dim), cos, sin)
+            q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
+            v = qkv[:, qk_size:].view(t, c.num_kv_heads, c.head_dim)
             k_cache, v_cache = kv_caches[i]
             attn = self.attention(q, k, v, k_cache, v_cache, meta)
             x = x + layer.o_proj(attn.reshape(t, self._q_size))
