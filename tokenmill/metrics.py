@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from tokenmill.engine.async_engine import EngineStats
 from tokenmill.outputs import RequestOutput
@@ -48,7 +55,10 @@ class Metrics:
         stats = stats or EngineStats
         gauges = {
             "num_requests_running": ("Requests with sequences running", lambda: stats().num_requests_running),
-            "num_requests_waiting": ("Requests waiting to be scheduled", lambda: stats().num_requests_waiting),
+            "num_requests_waiting": (
+                "Requests waiting to be scheduled",
+                lambda: stats().num_requests_waiting,
+            ),
             "kv_blocks_used": ("KV cache blocks in use", lambda: stats().kv_blocks_used),
             "kv_blocks_total": ("KV cache blocks in all", lambda: stats().kv_blocks_total),
             "prefix_cache_hit_rate": (

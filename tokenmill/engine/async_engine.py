@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -309,11 +310,13 @@ class AsyncLLMEngine:
     def _run(self) -> None:
         engine = self.engine
         wait: float | None = None  # how long to block for commands: None forever, 0 not at all
+        batch: deque[tuple[Any, ...]] = deque()  # commands taken off the queue, not yet handled
         try:
             while True:
-                commands = self._take_commands(None if not engine.has_unfinished_requests() else wait)
+                batch.extend(self._take_commands(None if not engine.has_unfinished_requests() else wait))
                 stop = False
-                for command in commands:
+                while batch:
+                    command = batch.popleft()
                     if command[0] == _ADD:
                         self._handle_add(*command[1:])
                     elif command[0] == _ABORT:
@@ -341,21 +344,26 @@ class AsyncLLMEngine:
             self._dead = exc
             self._fail_all(EngineDeadError("the engine loop crashed"))
         finally:
-            self._publish_stats()
+            try:
+                self._publish_stats()
+            except Exception:
+                pass
             with self._lock:
                 self._closed = True
-            # Commands submitted before _closed was set would never be processed: answer them.
+            # Answer the adds that will never be handled (taken off the queue, or submitted before
+            # _closed was set), so that no caller waits forever.
             while True:
                 try:
-                    command = self._commands.get_nowait()
+                    batch.append(self._commands.get_nowait())
                 except queue.Empty:
                     break
+            error: BaseException = (
+                EngineDeadError("the engine has stopped after an error")
+                if self._dead is not None
+                else EngineShuttingDownError("the engine has shut down")
+            )
+            for command in batch:
                 if command[0] == _ADD:
-                    error: BaseException = (
-                        EngineDeadError("the engine has stopped after an error")
-                        if self._dead is not None
-                        else EngineShuttingDownError("the engine has shut down")
-                    )
                     _resolve_threadsafe(command[4].loop, command[5], error)
 
     def _take_commands(self, timeout: float | None) -> list[tuple[Any, ...]]:

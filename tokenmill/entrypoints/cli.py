@@ -172,6 +172,12 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tokenmill.entrypoints.openai.api_server import run_server
+
+    return run_server(args)
+
+
 # ---- parser ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference and serving engine.")
@@ -188,6 +194,34 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(p, max_tokens=512)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)",
+        description="Serve the model over an OpenAI-compatible HTTP API with continuous batching. "
+        "SIGTERM stops admission, lets in-flight requests finish, and exits 0.",
+    )
+    add_engine_options(p, positional_model=True)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default: 8000)")
+    g.add_argument(
+        "--max-waiting",
+        type=int,
+        default=None,
+        help="answer 429 when this many requests are already waiting to be scheduled (default: no limit)",
+    )
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish after SIGTERM (default: 30)",
+    )
+    g.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default: info)"
+    )
+    g.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
+    p.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("throughput", help="offline throughput on a fixed synthetic workload")

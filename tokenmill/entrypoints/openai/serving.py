@@ -1,0 +1,793 @@
+"""Handlers of the OpenAI-compatible endpoints: request -> SamplingParams -> engine streams -> responses.
+
+Everything that can be wrong with a request is found before the first byte is sent (pydantic ranges,
+prompt/template checks, SamplingParams, engine admission), so it becomes a 4xx with the OpenAI error
+body. After that, a stream can only fail if the engine does; it then ends with an SSE error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from tokenmill.engine.async_engine import (
+    AsyncLLMEngine,
+    EngineDeadError,
+    EngineError,
+    EngineShuttingDownError,
+    QueueFullError,
+    RequestStream,
+)
+from tokenmill.entrypoints.openai.protocol import (
+    ChatChoiceLogprobs,
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    ChatTopLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamChoice,
+    CompletionStreamResponse,
+    DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    UsageInfo,
+)
+from tokenmill.metrics import Metrics
+from tokenmill.models.tokenizer import _bytes_to_unicode
+from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+MAX_PROMPTS_PER_REQUEST = 256
+MAX_SEQUENCES_PER_REQUEST = 1024  # prompts x n
+_OFFLOAD_CHARS = 8192  # tokenize/render texts longer than this in a worker thread, off the event loop
+_DISCONNECT_POLL_S = 0.25
+_BYTE_DECODER = {ch: b for b, ch in _bytes_to_unicode().items()}
+_SP_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_SAMPLING_FIELDS = {f for f in SamplingParams.__dataclass_fields__}
+
+
+class ApiError(Exception):
+    """An error answered with the OpenAI error body."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def internal_error() -> ApiError:
+    return ApiError(500, "Internal server error", type="server_error", code="internal_error")
+
+
+def value_error(
+    exc: ValueError, prompt_param: str = "prompt", max_tokens_param: str = "max_tokens"
+) -> ApiError:
+    """An engine/SamplingParams ValueError as a 400 naming the parameter it is about."""
+    message = str(exc)
+    first = re.split(r"[\s=]", message, maxsplit=1)[0]
+    code = None
+    if message.startswith("prompt has"):
+        param, code = prompt_param, "context_length_exceeded"
+    elif message.startswith("prompt (") or first == "max_tokens":
+        param = max_tokens_param
+        message = message.replace("max_tokens", max_tokens_param)
+        code = "context_length_exceeded" if "context" in message or "KV cache" in message else None
+    elif first in _SAMPLING_FIELDS:
+        param = first
+    elif message.startswith("prompt"):
+        param = prompt_param
+    else:
+        param = None
+    return ApiError(400, message, param=param, code=code)
+
+
+def admission_error(exc: BaseException, metrics: Metrics, **kwargs: str) -> ApiError:
+    if isinstance(exc, ValueError):
+        return value_error(exc, **kwargs)
+    if isinstance(exc, QueueFullError):
+        metrics.record_rejected()
+        return ApiError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded")
+    if isinstance(exc, EngineShuttingDownError | EngineDeadError):
+        metrics.record_rejected()
+        return ApiError(503, "the server is not accepting requests", type="server_error", code="unavailable")
+    raise exc
+
+
+def _text_size(prompt: Any) -> int:
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        return sum(len(p) for p in prompt)
+    return 0
+
+
+def sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+# ---- per-request bookkeeping ------------------------------------------------------------------------------
+class _Tracked:
+    """One engine request of an HTTP request: its stream and last output, for metrics and cleanup."""
+
+    def __init__(self, stream: RequestStream):
+        self.stream = stream
+        self.last: RequestOutput | None = None
+        self.error = False
+        self.closed = False
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        try:
+            async for out in self.stream:
+                self.last = out
+                yield out
+        except EngineError:
+            self.error = True
+            raise
+
+    def close(self, metrics: Metrics) -> None:
+        """Abort if unfinished (a client went away, or an error), then account it once. Sync, so that it
+        is safe in a `finally` of a cancelled task."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.error:
+            metrics.record_request(None, "error")
+            return
+        if self.last is not None and self.last.finished:
+            metrics.record_request(self.last)
+            return
+        self.stream.abort()
+        if self.last is None:
+            metrics.record_request(None, "abort")
+        else:
+            metrics.record_request(self.last, "abort")
+
+
+class _EventStreamResponse(StreamingResponse):
+    """Server-sent events; `cleanup` runs however the response ends, even if the body never started
+    (a client that leaves before the first chunk)."""
+
+    def __init__(self, body: AsyncIterator[str], cleanup: Any):
+        super().__init__(
+            body,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cleanup()
+
+
+async def _merge(tracked: list[_Tracked]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come, tagged with the stream's index."""
+    if len(tracked) == 1:
+        async for out in tracked[0].outputs():
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, t: _Tracked) -> None:
+        try:
+            async for out in t.outputs():
+                queue.put_nowait((i, out))
+            queue.put_nowait((i, None))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, t)) for i, t in enumerate(tracked)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+@dataclass
+class _ChoiceState:
+    """What a stream has sent of one choice so far."""
+
+    text_len: int = 0
+    num_tokens: int = 0
+    text_offset: int = 0
+    started: bool = False
+    finished: bool = False
+
+
+@dataclass
+class _Prompt:
+    text: str | None
+    token_ids: list[int]
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLMEngine, metrics: Metrics, served_model_names: Sequence[str]):
+        self.engine = engine
+        self.metrics = metrics
+        self.served_model_names = list(served_model_names)
+        self.model_name = self.served_model_names[0]
+        self.tokenizer = engine.tokenizer
+        self.vocab_size = engine.model_config.vocab_size
+        # The most tokens one sequence may hold: the context, or the whole KV cache if that is smaller.
+        self.token_limit = min(engine.max_model_len, engine.kv_capacity_tokens)
+        import tokenizers.decoders
+
+        self._byte_level = isinstance(self.tokenizer.backend.decoder, tokenizers.decoders.ByteLevel)
+        self._token_bytes_cache: dict[int, list[int]] = {}
+
+    # ---- common checks ------------------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.served_model_names:
+            raise ApiError(
+                404,
+                f"The model `{model}` does not exist. This server serves {self.model_name!r}.",
+                param="model",
+                code="model_not_found",
+            )
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.engine.max_model_len)])
+
+    def _check_common(self, req: CompletionRequest | ChatCompletionRequest) -> None:
+        self.check_model(req.model)
+        if req.stream_options is not None and not req.stream:
+            raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        if req.logit_bias:
+            raise ApiError(400, "logit_bias is not supported", param="logit_bias")
+        if isinstance(req.stop, list) and len(req.stop) > 64:
+            raise ApiError(400, f"stop must be at most 64 strings, got {len(req.stop)}", param="stop")
+        bad = [t for t in req.stop_token_ids or [] if t >= self.vocab_size]
+        if bad:
+            raise ApiError(400, f"stop_token_ids must be in [0, {self.vocab_size})", param="stop_token_ids")
+
+    def _sampling_params(
+        self,
+        req: CompletionRequest | ChatCompletionRequest,
+        max_tokens: int,
+        logprobs: int | None,
+        max_tokens_param: str,
+    ) -> SamplingParams:
+        kwargs: dict[str, Any] = {
+            "n": req.n,
+            "max_tokens": max_tokens,
+            "min_tokens": req.min_tokens,
+            "seed": req.seed,
+            "stop": [req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+            "stop_token_ids": list(req.stop_token_ids or []),
+            "ignore_eos": req.ignore_eos,
+            "logprobs": logprobs,
+            "skip_special_tokens": req.skip_special_tokens,
+        }
+        for name in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        ):
+            value = getattr(req, name)
+            if value is not None:
+                kwargs[name] = value
+        if kwargs["min_tokens"] > max_tokens:
+            raise ApiError(400, f"min_tokens must be <= {max_tokens_param}", param="min_tokens")
+        try:
+            return SamplingParams(**kwargs)
+        except ValueError as exc:
+            raise value_error(exc, max_tokens_param=max_tokens_param) from None
+
+    def _default_max_tokens(self, num_prompt_tokens: int) -> int:
+        """As many new tokens as fit; if none do, 1 so that the engine reports why."""
+        return max(self.token_limit - num_prompt_tokens, 1)
+
+    async def _admit(
+        self, prompts: list[list[int]], params: list[SamplingParams], request_id: str, **error_kwargs: str
+    ) -> list[_Tracked]:
+        tracked: list[_Tracked] = []
+        try:
+            for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
+                stream = await self.engine.add_request({"prompt_token_ids": ids}, p, f"{request_id}-{i}")
+                tracked.append(_Tracked(stream))
+        except (ValueError, QueueFullError, EngineShuttingDownError, EngineDeadError) as exc:
+            for t in tracked:
+                t.stream.abort()
+            raise admission_error(exc, self.metrics, **error_kwargs) from None
+        except BaseException:
+            for t in tracked:
+                t.stream.abort()
+            raise
+        return tracked
+
+    async def _collect(
+        self, tracked: list[_Tracked], raw_request: Request | None
+    ) -> list[RequestOutput] | None:
+        """Wait for all final outputs; None if the client went away (its requests are aborted)."""
+
+        async def drain() -> None:
+            async for _ in _merge(tracked):
+                pass
+
+        task = asyncio.ensure_future(drain())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+                if done:
+                    task.result()
+                    break
+                if raw_request is not None and await raw_request.is_disconnected():
+                    logger.info("client disconnected; aborting its request")
+                    return None
+        except EngineError:
+            raise internal_error() from None
+        finally:
+            task.cancel()
+            for t in tracked:
+                t.close(self.metrics)
+        return [t.last for t in tracked]  # type: ignore[misc]
+
+    # ---- logprobs -------------------------------------------------------------------------------------
+    def token_bytes(self, token_id: int) -> list[int]:
+        cached = self._token_bytes_cache.get(token_id)
+        if cached is not None:
+            return cached
+        raw = self.tokenizer.id_to_token(token_id)
+        m = _SP_BYTE.fullmatch(raw)
+        if m:
+            data = bytes([int(m.group(1), 16)])
+        elif self._byte_level and raw and all(ch in _BYTE_DECODER for ch in raw):
+            data = bytes(_BYTE_DECODER[ch] for ch in raw)
+        else:
+            data = self.tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        result = list(data)
+        if len(self._token_bytes_cache) < 65536:
+            self._token_bytes_cache[token_id] = result
+        return result
+
+    @staticmethod
+    def _top(entry: TokenLogprobs, k: int) -> list[tuple[int, Any]]:
+        return sorted(((tid, lp) for tid, lp in entry.items() if lp.rank <= k), key=lambda x: x[1].rank)[:k]
+
+    def _completion_logprobs(
+        self,
+        token_ids: Sequence[int],
+        entries: Sequence[TokenLogprobs],
+        k: int,
+        text_offset: int,
+        prompt_ids: Sequence[int] = (),
+    ) -> tuple[CompletionLogprobs, int]:
+        out = CompletionLogprobs()
+        decode = self.tokenizer.decode
+        for tid in prompt_ids:  # echo: the engine computes no prompt logprobs, so they are null
+            token = decode([tid], skip_special_tokens=False)
+            out.tokens.append(token)
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            out.text_offset.append(text_offset)
+            text_offset += len(token)
+        for tid, entry in zip(token_ids, entries, strict=False):
+            sampled = entry.get(tid)
+            token = sampled.decoded_token if sampled else decode([tid], skip_special_tokens=False)
+            out.tokens.append(token)
+            out.token_logprobs.append(sampled.logprob if sampled else None)
+            top = {lp.decoded_token: lp.logprob for _, lp in self._top(entry, k)}
+            if sampled is not None:
+                top.setdefault(sampled.decoded_token, sampled.logprob)
+            out.top_logprobs.append(top)
+            out.text_offset.append(text_offset)
+            text_offset += len(token)
+        return out, text_offset
+
+    def _chat_logprobs(
+        self, token_ids: Sequence[int], entries: Sequence[TokenLogprobs], k: int
+    ) -> ChatChoiceLogprobs:
+        content = []
+        for tid, entry in zip(token_ids, entries, strict=False):
+            sampled = entry.get(tid)
+            if sampled is None:
+                continue
+            content.append(
+                ChatTokenLogprob(
+                    token=sampled.decoded_token,
+                    logprob=sampled.logprob,
+                    bytes=self.token_bytes(tid),
+                    top_logprobs=[
+                        ChatTopLogprob(token=lp.decoded_token, logprob=lp.logprob, bytes=self.token_bytes(t))
+                        for t, lp in self._top(entry, k)
+                    ],
+                )
+            )
+        return ChatChoiceLogprobs(content=content)
+
+    @staticmethod
+    def _usage(outputs: Sequence[RequestOutput | None]) -> UsageInfo:
+        prompt = sum(len(o.prompt_token_ids) for o in outputs if o is not None)
+        completion = sum(len(c.token_ids) for o in outputs if o is not None for c in o.outputs)
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    # ---- /v1/completions ------------------------------------------------------------------------------
+    def _completion_prompts(self, prompt: Any) -> list[_Prompt]:
+        if isinstance(prompt, str):
+            items: list[Any] = [prompt]
+        elif not prompt:
+            raise ApiError(400, "prompt must not be empty", param="prompt")
+        elif isinstance(prompt[0], int):
+            items = [prompt]
+        else:
+            items = list(prompt)
+        if len(items) > MAX_PROMPTS_PER_REQUEST:
+            raise ApiError(400, f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request", param="prompt")
+        prompts = []
+        for item in items:
+            if isinstance(item, str):
+                if not item:
+                    raise ApiError(400, "prompt must not be an empty string", param="prompt")
+                prompts.append(_Prompt(item, self.tokenizer.encode(item)))
+            else:
+                if not item:
+                    raise ApiError(400, "prompt token list must not be empty", param="prompt")
+                bad = [t for t in item if t >= self.vocab_size]
+                if bad:
+                    raise ApiError(
+                        400,
+                        f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}",
+                        param="prompt",
+                    )
+                prompts.append(_Prompt(None, list(item)))
+        return prompts
+
+    async def create_completion(self, req: CompletionRequest, raw_request: Request | None = None) -> Response:
+        self._check_common(req)
+        if req.suffix:
+            raise ApiError(400, "suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise ApiError(400, "best_of is not supported (it must equal n)", param="best_of")
+        if _text_size(req.prompt) > _OFFLOAD_CHARS:
+            prompts = await asyncio.to_thread(self._completion_prompts, req.prompt)
+        else:
+            prompts = self._completion_prompts(req.prompt)
+        if len(prompts) * req.n > MAX_SEQUENCES_PER_REQUEST:
+            raise ApiError(
+                400,
+                f"prompts x n must be at most {MAX_SEQUENCES_PER_REQUEST}, got {len(prompts) * req.n}",
+                param="n",
+            )
+        params = [
+            self._sampling_params(
+                req,
+                req.max_tokens if req.max_tokens is not None else self._default_max_tokens(len(p.token_ids)),
+                req.logprobs,
+                "max_tokens",
+            )
+            for p in prompts
+        ]
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        tracked = await self._admit([p.token_ids for p in prompts], params, request_id)
+        if req.stream:
+            return self._streaming_response(
+                self._stream_completion(req, request_id, created, prompts, tracked), tracked
+            )
+        finals = await self._collect(tracked, raw_request)
+        if finals is None:
+            return Response(status_code=499)
+        choices = []
+        for i, (prompt, final) in enumerate(zip(prompts, finals, strict=True)):
+            for c in final.outputs:
+                prefix = self._echo_text(prompt) if req.echo else ""
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs, _ = self._completion_logprobs(
+                        c.token_ids,
+                        c.logprobs or [],
+                        req.logprobs,
+                        0,
+                        prompt.token_ids if req.echo else (),
+                    )
+                choices.append(
+                    CompletionChoice(
+                        index=i * req.n + c.index,
+                        text=prefix + c.text,
+                        logprobs=logprobs,
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
+                    )
+                )
+        response = CompletionResponse(
+            id=request_id, created=created, model=self.model_name, choices=choices, usage=self._usage(finals)
+        )
+        return Response(response.model_dump_json(), media_type="application/json")
+
+    def _echo_text(self, prompt: _Prompt) -> str:
+        if prompt.text is not None:
+            return prompt.text
+        return self.tokenizer.decode(prompt.token_ids, skip_special_tokens=False)
+
+    async def _stream_completion(
+        self,
+        req: CompletionRequest,
+        request_id: str,
+        created: int,
+        prompts: list[_Prompt],
+        tracked: list[_Tracked],
+    ) -> AsyncIterator[str]:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        exclude = None if include_usage else {"usage"}
+        states: dict[int, _ChoiceState] = {}
+        try:
+            async for i, out in _merge(tracked):
+                for c in out.outputs:
+                    index = i * req.n + c.index
+                    st = states.setdefault(index, _ChoiceState())
+                    prefix = ""
+                    echo_ids: Sequence[int] = ()
+                    if req.echo and not st.started:
+                        prefix = self._echo_text(prompts[i])
+                        echo_ids = prompts[i].token_ids
+                    st.started = True
+                    text = self._delta(c, st)
+                    logprobs = None
+                    if req.logprobs is not None and (len(c.token_ids) > st.num_tokens or echo_ids):
+                        logprobs, st.text_offset = self._completion_logprobs(
+                            c.token_ids[st.num_tokens :],
+                            (c.logprobs or [])[st.num_tokens :],
+                            req.logprobs,
+                            st.text_offset,
+                            echo_ids,
+                        )
+                    st.num_tokens = len(c.token_ids)
+                    finish = c.finish_reason if c.finish_reason and not st.finished else None
+                    st.finished = st.finished or finish is not None
+                    if not (prefix or text or logprobs or finish):
+                        continue
+                    chunk = CompletionStreamResponse(
+                        id=request_id,
+                        created=created,
+                        model=self.model_name,
+                        choices=[
+                            CompletionStreamChoice(
+                                index=index,
+                                text=prefix + text,
+                                logprobs=logprobs,
+                                finish_reason=finish,
+                                stop_reason=c.stop_reason if finish else None,
+                            )
+                        ],
+                    )
+                    yield sse(chunk.model_dump_json(exclude=exclude))
+            if include_usage:
+                chunk = CompletionStreamResponse(
+                    id=request_id,
+                    created=created,
+                    model=self.model_name,
+                    choices=[],
+                    usage=self._usage([t.last for t in tracked]),
+                )
+                yield sse(chunk.model_dump_json())
+            yield SSE_DONE
+        except Exception:
+            logger.exception("completion stream %s failed", request_id)
+            yield sse(json.dumps(internal_error().body()))
+            yield SSE_DONE
+        finally:
+            for t in tracked:
+                t.close(self.metrics)
+
+    @staticmethod
+    def _delta(c: CompletionOutput, st: _ChoiceState) -> str:
+        text = c.text[st.text_len :]
+        st.text_len = max(st.text_len, len(c.text))
+        return text
+
+    def _streaming_response(self, body: AsyncIterator[str], tracked: list[_Tracked]) -> StreamingResponse:
+        def cleanup() -> None:
+            for t in tracked:
+                t.close(self.metrics)
+
+        return _EventStreamResponse(body, cleanup)
+
+    # ---- /v1/chat/completions -------------------------------------------------------------------------
+    def _chat_messages(self, req: ChatCompletionRequest | TokenizeRequest) -> list[dict[str, str]]:
+        messages = []
+        for m in req.messages or []:
+            if isinstance(m.content, list):
+                content = "".join(part.text for part in m.content)
+            else:
+                content = m.content or ""
+            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        return messages
+
+    def _chat_prompt_ids(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True
+            )
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            raise ApiError(
+                400, str(exc) or "the chat template failed on these messages", param="messages"
+            ) from None
+        return list(ids)
+
+    async def create_chat_completion(
+        self, req: ChatCompletionRequest, raw_request: Request | None = None
+    ) -> Response:
+        self._check_common(req)
+        if req.tools:
+            raise ApiError(400, "tools are not supported", param="tools")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise ApiError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        messages = self._chat_messages(req)
+        if sum(len(m["content"]) for m in messages) > _OFFLOAD_CHARS:
+            ids = await asyncio.to_thread(self._chat_prompt_ids, messages)
+        else:
+            ids = self._chat_prompt_ids(messages)
+        if req.max_completion_tokens is not None:
+            max_tokens, max_param = req.max_completion_tokens, "max_completion_tokens"
+        elif req.max_tokens is not None:
+            max_tokens, max_param = req.max_tokens, "max_tokens"
+        else:
+            max_tokens, max_param = self._default_max_tokens(len(ids)), "max_completion_tokens"
+        top_k = req.top_logprobs or 0
+        params = self._sampling_params(req, max_tokens, top_k if req.logprobs else None, max_param)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        tracked = await self._admit(
+            [ids], [params], request_id, prompt_param="messages", max_tokens_param=max_param
+        )
+        if req.stream:
+            return self._streaming_response(self._stream_chat(req, request_id, created, tracked), tracked)
+        finals = await self._collect(tracked, raw_request)
+        if finals is None:
+            return Response(status_code=499)
+        final = finals[0]
+        choices = [
+            ChatCompletionChoice(
+                index=c.index,
+                message=ChatResponseMessage(content=c.text),
+                logprobs=self._chat_logprobs(c.token_ids, c.logprobs or [], top_k) if req.logprobs else None,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+            for c in final.outputs
+        ]
+        response = ChatCompletionResponse(
+            id=request_id, created=created, model=self.model_name, choices=choices, usage=self._usage(finals)
+        )
+        return Response(response.model_dump_json(), media_type="application/json")
+
+    async def _stream_chat(
+        self, req: ChatCompletionRequest, request_id: str, created: int, tracked: list[_Tracked]
+    ) -> AsyncIterator[str]:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        exclude = None if include_usage else {"usage"}
+        top_k = req.top_logprobs or 0
+
+        def chunk(choice: ChatCompletionStreamChoice) -> str:
+            return sse(
+                ChatCompletionStreamResponse(
+                    id=request_id, created=created, model=self.model_name, choices=[choice]
+                ).model_dump_json(exclude=exclude)
+            )
+
+        states = [_ChoiceState() for _ in range(req.n)]
+        try:
+            for index in range(req.n):
+                yield chunk(
+                    ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
+                )
+            async for _, out in _merge(tracked):
+                for c in out.outputs:
+                    st = states[c.index]
+                    text = self._delta(c, st)
+                    logprobs = None
+                    if req.logprobs and len(c.token_ids) > st.num_tokens:
+                        logprobs = self._chat_logprobs(
+                            c.token_ids[st.num_tokens :], (c.logprobs or [])[st.num_tokens :], top_k
+                        )
+                    st.num_tokens = len(c.token_ids)
+                    finish = c.finish_reason if c.finish_reason and not st.finished else None
+                    st.finished = st.finished or finish is not None
+                    if not (text or logprobs or finish):
+                        continue
+                    yield chunk(
+                        ChatCompletionStreamChoice(
+                            index=c.index,
+                            delta=DeltaMessage(content=text or None),
+                            logprobs=logprobs,
+                            finish_reason=finish,
+                            stop_reason=c.stop_reason if finish else None,
+                        )
+                    )
+            if include_usage:
+                usage = ChatCompletionStreamResponse(
+                    id=request_id,
+                    created=created,
+                    model=self.model_name,
+                    choices=[],
+                    usage=self._usage([t.last for t in tracked]),
+                )
+                yield sse(usage.model_dump_json())
+            yield SSE_DONE
+        except Exception:
+            logger.exception("chat stream %s failed", request_id)
+            yield sse(json.dumps(internal_error().body()))
+            yield SSE_DONE
+        finally:
+            for t in tracked:
+                t.close(self.metrics)
+
+    # ---- tokenizer endpoints --------------------------------------------------------------------------
+    def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "give exactly one of prompt or messages", param="prompt")
+        if req.prompt is not None:
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            ids = self._chat_prompt_ids(self._chat_messages(req), req.add_generation_prompt)
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.engine.max_model_len)
+
+    def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        self.check_model(req.model)
+        bad = [t for t in req.tokens if t >= self.vocab_size]
+        if bad:
+            raise ApiError(400, f"token ids must be in [0, {self.vocab_size}), got {bad[:5]}", param="tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(req.tokens))
