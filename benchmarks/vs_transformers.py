@@ -25,7 +25,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def transformers_model(path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
 
 
 @torch.inference_mode()
@@ -70,7 +72,9 @@ def hf_batch1(model, prompt: list[int], output_len: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a small workload for a smoke run")
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
@@ -95,7 +99,9 @@ def main() -> int:
     gc.collect()
 
     model = transformers_model(default_model_path())
-    results["transformers_throughput"] = hf_throughput(model, prompts, workload.output_len, args.hf_batch_size, 2)
+    results["transformers_throughput"] = hf_throughput(
+        model, prompts, workload.output_len, args.hf_batch_size, 2
+    )
     b1_prompt = prompts[0][:128] if len(prompts[0]) >= 128 else (prompts[0] * 3)[:128]
     results["transformers_batch1"] = hf_batch1(model, b1_prompt, out_len_b1)
 
@@ -108,8 +114,10 @@ def main() -> int:
         ("batch-1 decode tok/s", tb["decode_tok_s"], hb["decode_tok_s"]),
         ("batch-1 TTFT s (lower is better)", tb["ttft_s"], hb["ttft_s"]),
     ]
-    print(f"\nworkload: {workload}; transformers batch size {args.hf_batch_size}; fp32; {torch.get_num_threads()} threads")
-    print(f"| metric | tokenmill | transformers | ratio |\n|---|---:|---:|---:|")
+    print(
+        f"\nworkload: {workload}; transformers batch size {args.hf_batch_size}; fp32; {torch.get_num_threads()} threads"
+    )
+    print("| metric | tokenmill | transformers | ratio |\n|---|---:|---:|---:|")
     for name, a, b in rows:
         print(f"| {name} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
     if args.output_json:

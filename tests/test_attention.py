@@ -38,7 +38,9 @@ def test_cpu_kernel_builds_and_matches_reference(decode_case):
     assert kernels is not None, "the C++ decode kernel failed to build"
     q, k_cache, v_cache, tables, lens, group = decode_case
     out = kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, q.shape[-1] ** -0.5)
-    torch.testing.assert_close(out, reference_decode(q, k_cache, v_cache, tables, lens, group), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out, reference_decode(q, k_cache, v_cache, tables, lens, group), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_torch_decode_path_matches_reference(decode_case):
@@ -48,7 +50,9 @@ def test_torch_decode_path_matches_reference(decode_case):
     mask = (torch.arange(tables.shape[1] * 16).unsqueeze(0) < lens.unsqueeze(1)).view(b, 1, 1, -1)
     meta = AttentionMetadata(torch.empty(0, dtype=torch.long), b, tables, lens, mask, [])
     out = attn._decode(q, k_cache, v_cache, meta)
-    torch.testing.assert_close(out, reference_decode(q, k_cache, v_cache, tables, lens, group), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out, reference_decode(q, k_cache, v_cache, tables, lens, group), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_engine_outputs_equal_with_and_without_kernel(tiny_model_dir):

@@ -50,7 +50,43 @@ def k_quant_bytes(qtype: Q, rows: int, cols: int, rng: np.random.Generator) -> n
     return data.reshape(rows, -1)
 
 
-def write_gguf(path, config: dict, weights: dict[str, torch.Tensor], real_gguf, qtype: Q = Q.F32, arch: str = "llama"):
+def real_tokenizer_fields(real_gguf) -> list[tuple[str, object, GGUFValueType, GGUFValueType | None]]:
+    fields = []
+    for key, field in GGUFReader(str(real_gguf)).fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+            fields.append((key, field.contents(), field.types[0], sub))
+    return fields
+
+
+def small_tokenizer_fields() -> list[tuple[str, object, GGUFValueType, GGUFValueType | None]]:
+    """A byte-level BPE vocabulary of 259 tokens: reading it back is fast, unlike the real 49k one."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tokens = sorted(ByteLevel.alphabet()) + ["\u0120t", "<|im_start|>", "<|im_end|>"]
+    arr, s, u32 = GGUFValueType.ARRAY, GGUFValueType.STRING, GGUFValueType.INT32
+    return [
+        ("tokenizer.ggml.model", "gpt2", s, None),
+        ("tokenizer.ggml.pre", "default", s, None),
+        ("tokenizer.ggml.tokens", tokens, arr, s),
+        ("tokenizer.ggml.token_type", [1] * 257 + [3, 3], arr, u32),
+        ("tokenizer.ggml.merges", ["\u0120 t"], arr, s),
+        ("tokenizer.ggml.bos_token_id", 257, GGUFValueType.UINT32, None),
+        ("tokenizer.ggml.eos_token_id", 258, GGUFValueType.UINT32, None),
+    ]
+
+
+SMALL_CONFIG = {**TINY_CONFIG, "vocab_size": 259}
+
+
+def write_gguf(
+    path,
+    config: dict,
+    weights: dict[str, torch.Tensor],
+    tokenizer_fields,
+    qtype: Q = Q.F32,
+    arch: str = "llama",
+):
     writer = GGUFWriter(str(path), arch)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
@@ -62,10 +98,8 @@ def write_gguf(path, config: dict, weights: dict[str, torch.Tensor], real_gguf, 
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_dimension_count(config["head_dim"])
     writer.add_vocab_size(config["vocab_size"])
-    for key, field in GGUFReader(str(real_gguf)).fields.items():  # the real tokenizer
-        if key.startswith("tokenizer."):
-            sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    for key, value, vtype, sub in tokenizer_fields:
+        writer.add_key_value(key, value, vtype, sub_type=sub)
     rng = np.random.default_rng(0)
     for name, tensor in weights.items():
         w = tensor.numpy().astype(np.float32)
@@ -82,7 +116,8 @@ def write_gguf(path, config: dict, weights: dict[str, torch.Tensor], real_gguf, 
                 w = permute_like_llama_cpp(w, config["num_attention_heads"])
             elif rest == "self_attn.k_proj.weight":
                 w = permute_like_llama_cpp(w, config["num_key_value_heads"])
-        if w.ndim == 1 or qtype == Q.F32:
+        block = 256 if qtype in _K_QUANT_BLOCKS else 32
+        if w.ndim == 1 or qtype == Q.F32 or w.shape[1] % block:
             writer.add_tensor(gname, w)
         elif qtype in _K_QUANT_BLOCKS:
             writer.add_tensor(gname, k_quant_bytes(qtype, *w.shape, rng), raw_dtype=qtype)
@@ -114,7 +149,9 @@ def hf_generate(folder, prompts) -> list[list[int]]:
     with torch.no_grad():
         for p in prompts:
             ids = torch.tensor([p["prompt_token_ids"]])
-            gen = model.generate(ids, max_new_tokens=GREEDY.max_tokens, min_new_tokens=GREEDY.max_tokens, do_sample=False)
+            gen = model.generate(
+                ids, max_new_tokens=GREEDY.max_tokens, min_new_tokens=GREEDY.max_tokens, do_sample=False
+            )
             outs.append(gen[0, ids.shape[1] :].tolist())
     return outs
 
@@ -160,15 +197,21 @@ def test_variants_match_transformers(tmp_path, real_tokenizer, changes):
 
 
 def test_gguf_f32_matches_hf_folder(tmp_path, tiny_weights, default_gguf, reference_tokens):
-    path = write_gguf(tmp_path / "tiny.gguf", TINY_CONFIG, tiny_weights, default_gguf)
+    path = write_gguf(tmp_path / "tiny.gguf", TINY_CONFIG, tiny_weights, real_tokenizer_fields(default_gguf))
     llm = LLM(str(path), kv_cache_memory="16MiB")
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == reference_tokens
     assert llm.get_tokenizer().encode("Hello world") == [19556, 905]
 
 
-@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K])
-def test_gguf_quant_types_dequantize(tmp_path, tiny_weights, default_gguf, qtype):
-    path = write_gguf(tmp_path / f"tiny-{qtype.name}.gguf", TINY_CONFIG, tiny_weights, default_gguf, qtype)
+@pytest.mark.parametrize(
+    "qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+)
+def test_gguf_quant_types_dequantize(tmp_path, qtype):
+    config = SMALL_CONFIG
+    if qtype in _K_QUANT_BLOCKS:  # K-quant rows hold 256-value blocks
+        config = {**SMALL_CONFIG, "hidden_size": 256, "intermediate_size": 256, "head_dim": 64}
+    weights = random_llama_weights(config)
+    path = write_gguf(tmp_path / f"tiny-{qtype.name}.gguf", config, weights, small_tokenizer_fields(), qtype)
     model = GGUFModel(path)
     config = model.model_config()
     loaded = dict(model.tensors(config))
@@ -178,15 +221,21 @@ def test_gguf_quant_types_dequantize(tmp_path, tiny_weights, default_gguf, qtype
     expected = dequantize(raw.data, qtype).reshape(up.shape)
     np.testing.assert_array_equal(up.numpy(), expected)
     if qtype not in _K_QUANT_BLOCKS:  # real quantization of known weights: close to the originals
-        original = tiny_weights["model.layers.0.mlp.up_proj.weight"]
+        original = weights["model.layers.0.mlp.up_proj.weight"]
         assert (up - original).abs().mean() < 0.1 * original.abs().mean()
     llm = LLM(str(path), kv_cache_memory="16MiB")
-    out = llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0]
+    out = llm.generate({"prompt_token_ids": list(range(10, 30))}, GREEDY, use_tqdm=False)[0]
     assert len(out.token_ids) == GREEDY.max_tokens
 
 
-def test_unsupported_quant_type_is_named(tmp_path, tiny_weights, default_gguf):
-    path = write_gguf(tmp_path / "iq.gguf", TINY_CONFIG, tiny_weights, default_gguf, Q.Q4_0)
+def test_unsupported_quant_type_is_named(tmp_path):
+    path = write_gguf(
+        tmp_path / "iq.gguf",
+        SMALL_CONFIG,
+        random_llama_weights(SMALL_CONFIG),
+        small_tokenizer_fields(),
+        Q.Q4_0,
+    )
     # Patch one tensor's type to IQ4_NL, whose blocks have Q4_0's size: tensor info is
     # name, n_dims (u32), dims (u64 each), type (u32).
     data = bytearray(path.read_bytes())
@@ -201,8 +250,8 @@ def test_unsupported_quant_type_is_named(tmp_path, tiny_weights, default_gguf):
         LLM(str(path))
 
 
-def test_unsupported_architecture_is_named(tmp_path, tiny_weights, default_gguf):
-    path = write_gguf(tmp_path / "gemma.gguf", TINY_CONFIG, {}, default_gguf, arch="gemma3")
+def test_unsupported_architecture_is_named(tmp_path):
+    path = write_gguf(tmp_path / "gemma.gguf", SMALL_CONFIG, {}, small_tokenizer_fields(), arch="gemma3")
     with pytest.raises(ValueError, match="gemma3"):
         LLM(str(path))
 

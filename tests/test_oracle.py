@@ -46,7 +46,9 @@ def oracle_generate(hf_model, prompt_ids: list[int]) -> list[int]:
 def test_greedy_matches_transformers(real_llm, hf_oracle, prompts):
     assert max(len(p) for p in prompts) > 400
     outs = real_llm.generate(
-        [{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=NEW_TOKENS, temperature=0), use_tqdm=False
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(max_tokens=NEW_TOKENS, temperature=0),
+        use_tqdm=False,
     )
     for prompt, out in zip(prompts, outs, strict=True):
         expected = oracle_generate(hf_oracle, prompt)

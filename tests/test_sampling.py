@@ -187,7 +187,9 @@ def test_logprobs_end_to_end(tiny):
         assert entry[token].rank == 1 and entry[token].logprob <= 0
         assert len(entry) == 3
         assert max(lp.logprob for lp in entry.values()) == entry[token].logprob
-    assert c.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs, strict=True)))
+    assert c.cumulative_logprob == pytest.approx(
+        sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs, strict=True))
+    )
     assert math.isfinite(c.cumulative_logprob)
 
 

@@ -164,7 +164,8 @@ def test_completion_usage_and_logprobs(client, http, model_name):
     assert all(x <= 0 for x in lp.token_logprobs)
     assert all(3 <= len(top) <= 4 for top in lp.top_logprobs)
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
-    assert "".join(lp.tokens) == choice.text
+    if not any("\ufffd" in t for t in lp.tokens):  # a token may be a fragment of a UTF-8 character
+        assert "".join(lp.tokens) == choice.text
 
 
 def test_completion_stream_matches_nonstream(client, model_name):
@@ -290,8 +291,8 @@ def test_chat_logprobs(client, model_name):
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
         assert isinstance(entry.bytes, list)
-    assert "".join(e.token for e in content) == r.choices[0].message.content
-    joined = b"".join(bytes(e.bytes) for e in content).decode("utf-8", errors="replace")
+    # bytes are exact even for tokens that are fragments of a UTF-8 character
+    joined = b"".join(bytes(e.bytes) for e in content).decode("utf-8", errors="ignore")
     assert joined == r.choices[0].message.content
     stream = client.chat.completions.create(
         model=model_name,

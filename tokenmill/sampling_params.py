@@ -72,9 +72,9 @@ class SamplingParams:
         check(is_num(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "a number in (0, 1]", self.top_p)
         check(is_num(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "a number in [0, 1]", self.min_p)
         check(
-            is_num(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
+            is_num(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 10.0,
             "repetition_penalty",
-            "a number in (0, 10]",
+            "a number in [0.01, 10]",
             self.repetition_penalty,
         )
         for name in ("presence_penalty", "frequency_penalty"):

@@ -24,7 +24,10 @@ class Workload:
         """Random token ids (avoiding the low ids where special tokens live), lengths uniform in range."""
         rng = random.Random(self.seed)
         return [
-            [rng.randrange(100, vocab_size) for _ in range(rng.randint(self.min_input_len, self.max_input_len))]
+            [
+                rng.randrange(100, vocab_size)
+                for _ in range(rng.randint(self.min_input_len, self.max_input_len))
+            ]
             for _ in range(self.num_prompts)
         ]
 
@@ -95,7 +98,9 @@ def run_batch1(llm: LLM, input_len: int = 128, output_len: int = 128, seed: int 
 
 
 def format_result(result: ThroughputResult | DecodeResult) -> str:
-    rows = [f"{k:>16}: {v:.2f}" if isinstance(v, float) else f"{k:>16}: {v}" for k, v in asdict(result).items()]
+    rows = [
+        f"{k:>16}: {v:.2f}" if isinstance(v, float) else f"{k:>16}: {v}" for k, v in asdict(result).items()
+    ]
     return "\n".join(rows)
 
 

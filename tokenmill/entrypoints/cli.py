@@ -8,19 +8,24 @@ from collections.abc import Iterator
 from typing import Any
 
 from tokenmill.config import DEFAULT_KV_CACHE_MEMORY
-from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
 
 # ---- shared options -------------------------------------------------------------------------------------
 def add_engine_options(p: argparse.ArgumentParser, positional_model: bool = False) -> None:
     g = p.add_argument_group("engine")
-    model_help = "a .gguf file, a Hugging Face folder, or an alias (default: the embedded SmolLM2-135M-Instruct)"
+    model_help = (
+        "a .gguf file, a Hugging Face folder, or an alias (default: the embedded SmolLM2-135M-Instruct)"
+    )
     if positional_model:
         g.add_argument("model", nargs="?", default=None, help=model_help)
     else:
         g.add_argument("--model", "-m", default=None, help=model_help)
-    g.add_argument("--dtype", default="float32", help="weights/activations dtype: float32, bfloat16, float16 (default: float32)")
+    g.add_argument(
+        "--dtype",
+        default="float32",
+        help="weights/activations dtype: float32, bfloat16, float16 (default: float32)",
+    )
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     g.add_argument(
         "--kv-cache-memory",
@@ -29,7 +34,10 @@ def add_engine_options(p: argparse.ArgumentParser, positional_model: bool = Fals
     )
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
     g.add_argument(
-        "--max-num-batched-tokens", type=int, default=2048, help="token budget of one step: prompt chunks + decodes (default: 2048)"
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="token budget of one step: prompt chunks + decodes (default: 2048)",
     )
     g.add_argument("--max-num-seqs", type=int, default=128, help="sequences running at once (default: 128)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -53,14 +61,22 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most new tokens (default: {max_tokens})")
+    g.add_argument(
+        "--max-tokens", type=int, default=max_tokens, help=f"most new tokens (default: {max_tokens})"
+    )
     g.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default: 0.7)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: 0, off)")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (default: 0)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="HF-style repetition penalty (default: 1.0)")
+    g.add_argument(
+        "--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (default: 0)"
+    )
+    g.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="HF-style repetition penalty (default: 1.0)"
+    )
     g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty (default: 0)")
-    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty (default: 0)")
+    g.add_argument(
+        "--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty (default: 0)"
+    )
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
@@ -139,7 +155,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        prompt = {"prompt_token_ids": tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)}
+        prompt = {
+            "prompt_token_ids": tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        }
         reply = []
         try:
             for delta in stream(llm, prompt, params):
@@ -163,13 +181,21 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     if args.batch_1:
         result = run_batch1(llm, args.input_len or 128, args.output_len)
     else:
-        workload = Workload(args.num_prompts, args.min_input_len, args.max_input_len, args.output_len, args.seed)
+        workload = Workload(
+            args.num_prompts, args.min_input_len, args.max_input_len, args.output_len, args.seed
+        )
         result = run_throughput(llm, workload)
     print(format_result(result))
     if args.output_json:
         with open(args.output_json, "w") as f:
             f.write(to_json(result))
     return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from tokenmill.bench.serve import run_cli
+
+    return run_cli(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -235,6 +261,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-1", action="store_true", help="measure single-stream decode tok/s instead")
     p.add_argument("--output-json", default=None, help="also write the result as JSON to this file")
     p.set_defaults(func=cmd_bench_throughput)
+
+    p = bench.add_parser(
+        "serve",
+        help="online serving benchmark against any OpenAI-compatible server",
+        description="Stream requests to an OpenAI-compatible server and report TTFT, TPOT, ITL, E2E "
+        "latency, throughput and goodput under SLOs, measured on the client. The random dataset uses "
+        "/v1/completions, chat uses /v1/chat/completions.",
+    )
+    p.add_argument("--base-url", required=True, help="server address, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="model name to request (default: the first of /v1/models)")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--rate", type=float, default=None, help="Poisson arrivals/s; inf: all at once")
+    load.add_argument("--concurrency", type=int, default=None, help="closed loop: requests in flight")
+    load.add_argument("--sweep", default=None, help="request rates to run in turn, e.g. 1,2,4,inf")
+    p.add_argument("--num-prompts", type=int, default=64, help="requests per run (default: 64)")
+    p.add_argument("--dataset", choices=["random", "chat"], default="random", help="(default: random)")
+    p.add_argument("--input-len", type=int, default=256, help="approximate prompt tokens (default: 256)")
+    p.add_argument("--output-len", type=int, default=128, help="max_tokens per request (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="(default: 0, greedy)")
+    p.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos: true")
+    p.add_argument("--slo-ttft", type=float, default=2.0, help="goodput's TTFT SLO, s (default: 2)")
+    p.add_argument("--slo-tpot", type=float, default=0.2, help="goodput's TPOT SLO, s (default: 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="workload and arrival seed (default: 0)")
+    p.add_argument("--warmups", type=int, default=1, help="untimed short requests first (default: 1)")
+    p.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
+    p.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY if set)")
+    p.add_argument("--output-json", default=None, help="write all results as JSON to this file")
+    p.add_argument("--plot", default="bench_serve.png", help="PNG of a --sweep (default: bench_serve.png)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench_serve)
     return parser
 
 

@@ -130,7 +130,7 @@ class LlamaModel:
             h = rms_norm(x, layer.input_norm, c.rms_norm_eps)
             qkv = layer.qkv(h)
             # rotate q and k heads together: they sit side by side in the fused projection
-            qk = self.rotary.apply(qkv[:, : qk_size].view(t, -1, c.head_dim), cos, sin)
+            qk = self.rotary.apply(qkv[:, :qk_size].view(t, -1, c.head_dim), cos, sin)
             q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
             v = qkv[:, qk_size:].view(t, c.num_kv_heads, c.head_dim)
             k_cache, v_cache = kv_caches[i]

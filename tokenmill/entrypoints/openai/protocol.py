@@ -55,7 +55,9 @@ class _SamplingFields(_Request):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    # SamplingParams allows (0, 10], but a tiny penalty overflows the logits to inf and the sampler then
+    # fails the whole batch: keep it where it is numerically safe.
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: NonEmptyStr | StopList | None = Field(None, description="a stop string or up to 64 of them")
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
