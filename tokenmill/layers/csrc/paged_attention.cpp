@@ -37,10 +37,14 @@ static void decode_kernel(const T* q, const T* kc, const T* vc, const int64_t* t
       std::vector<float> sums(G, 0.f);
       for (int64_t g = 0; g < G; ++g) {
         float* sg = scores.data() + g * L;
+        const float m = maxs[g];
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < L; ++t) {
-          sg[t] = std::exp(sg[t] - maxs[g]);
-          sums[g] += sg[t];
+          sg[t] = std::exp(sg[t] - m);  // vectorized (libmvec) under -ffast-math
+          sum += sg[t];
         }
+        sums[g] = sum;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < L; ++t) {
