@@ -15,8 +15,8 @@ def reference_decode(q, k_cache, v_cache, tables, lens, group):
     outs = []
     for i in range(q.shape[0]):
         n = int(lens[i])
-        k = k_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1).repeat_interleave(group, 0)
-        v = v_cache[tables[i]].flatten(0, 1)[:n].transpose(0, 1).repeat_interleave(group, 0)
+        k = k_cache[tables[i]].transpose(0, 1).flatten(1, 2)[:, :n].repeat_interleave(group, 0)
+        v = v_cache[tables[i]].transpose(0, 1).flatten(1, 2)[:, :n].repeat_interleave(group, 0)
         outs.append(F.scaled_dot_product_attention(q[i].unsqueeze(1), k, v).squeeze(1))
     return torch.stack(outs)
 
@@ -25,8 +25,8 @@ def reference_decode(q, k_cache, v_cache, tables, lens, group):
 def decode_case():
     g = torch.Generator().manual_seed(0)
     num_blocks, bs, hkv, group, d, b = 40, 16, 2, 3, 32, 5
-    k_cache = torch.randn(num_blocks, bs, hkv, d, generator=g)
-    v_cache = torch.randn(num_blocks, bs, hkv, d, generator=g)
+    k_cache = torch.randn(num_blocks, hkv, bs, d, generator=g)  # the cache layout: heads, then tokens
+    v_cache = torch.randn(num_blocks, hkv, bs, d, generator=g)
     lens = torch.tensor([1, 16, 17, 70, 33])
     tables = torch.randperm(num_blocks, generator=g)[: b * 5].view(b, 5)
     q = torch.randn(b, hkv * group, d, generator=g)

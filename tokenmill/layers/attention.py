@@ -55,13 +55,14 @@ class TorchAttention:
         q: torch.Tensor,  # [T, H, D]
         k: torch.Tensor,  # [T, Hkv, D]
         v: torch.Tensor,
-        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        k_cache: torch.Tensor,  # [num_blocks, Hkv, block_size, D]: each head's tokens contiguous in a block
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        hkv, d = self.num_kv_heads, self.head_dim
-        k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
+        bs = k_cache.shape[2]
+        blocks, offsets = meta.slot_mapping // bs, meta.slot_mapping % bs
+        k_cache[blocks, :, offsets] = k
+        v_cache[blocks, :, offsets] = v
         out = torch.empty_like(q)
         nd = meta.num_decode_tokens
         if nd:
@@ -78,8 +79,8 @@ class TorchAttention:
             )
         b = q.shape[0]
         hkv, d = self.num_kv_heads, self.head_dim
-        keys = k_cache[meta.decode_block_tables].view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
-        values = v_cache[meta.decode_block_tables].view(b, -1, hkv, d).transpose(1, 2)
+        keys = k_cache[meta.decode_block_tables].transpose(1, 2).reshape(b, hkv, -1, d)  # [B, Hkv, L, D]
+        values = v_cache[meta.decode_block_tables].transpose(1, 2).reshape(b, hkv, -1, d)
         queries = q.view(b, hkv, self.group, d)  # heads of one KV group as query rows
         o = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=meta.decode_mask, scale=self.scale
@@ -89,14 +90,14 @@ class TorchAttention:
     def _prefill(self, q, k, v, k_cache, v_cache, span: PrefillSpan) -> torch.Tensor:
         hkv, d = self.num_kv_heads, self.head_dim
         if span.mask is None:  # no cached prefix: attend to this chunk's own keys
-            keys, values = k, v
-        else:
-            keys = k_cache[span.block_table].view(-1, hkv, d)[: span.context_len]
-            values = v_cache[span.block_table].view(-1, hkv, d)[: span.context_len]
+            keys, values = k.transpose(0, 1), v.transpose(0, 1)
+        else:  # [blocks, Hkv, bs, D] -> [Hkv, context, D]
+            keys = k_cache[span.block_table].transpose(0, 1).reshape(hkv, -1, d)[:, : span.context_len]
+            values = v_cache[span.block_table].transpose(0, 1).reshape(hkv, -1, d)[:, : span.context_len]
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),
-            keys.transpose(0, 1).unsqueeze(0),
-            values.transpose(0, 1).unsqueeze(0),
+            keys.unsqueeze(0),
+            values.unsqueeze(0),
             attn_mask=span.mask,
             is_causal=span.mask is None,
             scale=self.scale,

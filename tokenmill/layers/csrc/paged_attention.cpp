@@ -1,5 +1,6 @@
 // Paged decode attention for the CPU: one query token per sequence attends over its KV blocks, read in
-// place through the block table (no gather copy). Grouped-query heads that share a KV head are handled
+// place through the block table (no gather copy). Within a block each KV head's tokens are contiguous,
+// so a (sequence, head) task streams whole cache lines. Grouped-query heads that share a KV head are handled
 // together so each K/V row is read once. Scores are kept per (sequence, KV head) in a small buffer:
 // pass 1 computes q.k, pass 2 the softmax, pass 3 accumulates the values. Accumulation is in fp32.
 #include <torch/extension.h>
@@ -24,7 +25,7 @@ static void decode_kernel(const T* q, const T* kc, const T* vc, const int64_t* t
         for (int64_t i = 0; i < D; ++i) qf[g * D + i] = static_cast<float>(q[(b * H + h * G + g) * D + i]) * scale;
       std::vector<float> maxs(G, -std::numeric_limits<float>::infinity());
       for (int64_t t = 0; t < L; ++t) {
-        const T* k = kc + ((table[t / bs] * bs + t % bs) * Hkv + h) * D;
+        const T* k = kc + ((table[t / bs] * Hkv + h) * bs + t % bs) * D;
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qf.data() + g * D;
           float s = 0.f;
@@ -48,7 +49,7 @@ static void decode_kernel(const T* q, const T* kc, const T* vc, const int64_t* t
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < L; ++t) {
-        const T* v = vc + ((table[t / bs] * bs + t % bs) * Hkv + h) * D;
+        const T* v = vc + ((table[t / bs] * Hkv + h) * bs + t % bs) * D;
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * L + t];
           float* ag = acc.data() + g * D;
@@ -63,7 +64,7 @@ static void decode_kernel(const T* q, const T* kc, const T* vc, const int64_t* t
   });
 }
 
-// q [B, H, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int64;
+// q [B, H, D]; k_cache, v_cache [num_blocks, Hkv, block_size, D]; block_tables [B, max_blocks] int64;
 // context_lens [B] int64 (>= 1). Returns [B, H, D].
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
@@ -74,7 +75,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   context_lens = context_lens.contiguous();
   auto out = torch::empty_like(q);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
+  const int64_t Hkv = k_cache.size(1), bs = k_cache.size(2);
   TORCH_CHECK(H % Hkv == 0 && k_cache.size(3) == D, "head layout mismatch");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
