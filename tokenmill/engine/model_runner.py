@@ -59,17 +59,16 @@ class ModelRunner:
         bs, dev = self.block_size, self.device
         ids: list[int] = []
         pos: list[int] = []
-        slots: list[int] = []
+        slot_blocks: list[int] = []
         for s in decodes:
             seq = s.seq
             p = seq.num_computed_tokens
             ids.append(seq.token_ids[p])
             pos.append(p)
-            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            slot_blocks.append(seq.block_table[p // bs])
         max_blocks = max((len(s.seq.block_table) for s in decodes), default=0)
         tables = [s.seq.block_table + [0] * (max_blocks - len(s.seq.block_table)) for s in decodes]
-        context_lens = torch.tensor([s.seq.num_computed_tokens + 1 for s in decodes], dtype=torch.long)
-        decode_mask = torch.arange(max_blocks * bs).unsqueeze(0) < context_lens.unsqueeze(1)
+        context_lens = [s.seq.num_computed_tokens + 1 for s in decodes]
 
         spans: list[PrefillSpan] = []
         start = len(decodes)
@@ -80,7 +79,7 @@ class ModelRunner:
             positions = range(p0, p0 + n)
             pos.extend(positions)
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in positions)
+            slot_blocks.extend(table[p // bs] for p in positions)
             ctx = p0 + n
             mask = None
             if p0 > 0:  # queries also see the cached prefix: causal mask shifted by p0
@@ -89,18 +88,19 @@ class ModelRunner:
             spans.append(PrefillSpan(start, n, ctx, torch.tensor(used, dtype=torch.long, device=dev), mask))
             start += n
 
+        positions_t = torch.tensor(pos, dtype=torch.long, device=dev)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=dev),
+            slot_offsets=positions_t % bs,
             num_decode_tokens=len(decodes),
             decode_block_tables=torch.tensor(tables, dtype=torch.long, device=dev).view(
                 len(decodes), max_blocks
             ),
-            decode_context_lens=context_lens.to(dev),
-            decode_mask=decode_mask.to(dev).view(len(decodes), 1, 1, max_blocks * bs),
+            decode_context_lens=torch.tensor(context_lens, dtype=torch.long, device=dev),
             prefills=spans,
         )
         return (
             torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(pos, dtype=torch.long, device=dev),
+            positions_t,
             meta,
         )

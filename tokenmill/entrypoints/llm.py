@@ -62,7 +62,9 @@ class LLM:
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         """One conversation (a list of {'role', 'content'} dicts) or a list of conversations."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not messages:
+            raise ValueError("messages is empty: give a conversation or a list of conversations")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
         tok = self.get_tokenizer()
         prompts = [
             {

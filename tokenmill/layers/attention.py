@@ -1,7 +1,7 @@
 """Paged attention over a flat (ragged) token batch.
 
 The batch puts single-token decodes first (one per sequence) and then prompt chunks. New K/V are written
-into the paged cache at `slot_mapping`; queries then attend over their sequence's blocks. Everything a
+into the paged cache at their slots (block id, offset in block); queries then attend over their sequence's blocks. Everything a
 layer needs about the batch travels in `AttentionMetadata`, built once per step by the model runner.
 """
 
@@ -26,11 +26,11 @@ class PrefillSpan:
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] where each new token's K/V goes: block_id * block_size + offset
+    slot_blocks: torch.Tensor  # [T] block each new token's K/V goes to (slot = block * block_size + offset)
+    slot_offsets: torch.Tensor  # [T] its offset inside that block
     num_decode_tokens: int  # the first tokens of the batch: one query per decoding sequence
     decode_block_tables: torch.Tensor  # [B, max_blocks]
     decode_context_lens: torch.Tensor  # [B] keys visible to each decode query (including its own)
-    decode_mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] True where a key is visible
     prefills: list[PrefillSpan]
 
 
@@ -59,10 +59,8 @@ class TorchAttention:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        bs = k_cache.shape[2]
-        blocks, offsets = meta.slot_mapping // bs, meta.slot_mapping % bs
-        k_cache[blocks, :, offsets] = k
-        v_cache[blocks, :, offsets] = v
+        k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
+        v_cache[meta.slot_blocks, :, meta.slot_offsets] = v
         out = torch.empty_like(q)
         nd = meta.num_decode_tokens
         if nd:
@@ -81,9 +79,10 @@ class TorchAttention:
         hkv, d = self.num_kv_heads, self.head_dim
         keys = k_cache[meta.decode_block_tables].transpose(1, 2).reshape(b, hkv, -1, d)  # [B, Hkv, L, D]
         values = v_cache[meta.decode_block_tables].transpose(1, 2).reshape(b, hkv, -1, d)
+        visible = torch.arange(keys.shape[2], device=q.device) < meta.decode_context_lens.unsqueeze(1)
         queries = q.view(b, hkv, self.group, d)  # heads of one KV group as query rows
         o = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=meta.decode_mask, scale=self.scale
+            queries, keys, values, attn_mask=visible.view(b, 1, 1, -1), scale=self.scale
         )
         return o.reshape(b, self.num_heads, d)
 
