@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+
+from tokenmill.layers.quantization import WEIGHT_MODES
 
 _DTYPES = {
     "float32": torch.float32,
@@ -16,6 +19,20 @@ _DTYPES = {
 }
 
 DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3  # bytes; ~46k tokens of SmolLM2-135M KV in fp32
+
+
+def physical_cores() -> int:
+    """Cores (not hyper-threads) this process may run on: the default thread count, since two threads on
+    one core's siblings only contend for its vector units."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -62,6 +79,7 @@ class EngineConfig:
 
     model: str | None = None  # alias, .gguf path or HF folder; None: the embedded default model
     dtype: str | torch.dtype = "float32"
+    weights: str = "auto"  # auto | dense | q4 | q8: how linear weights are stored and executed (see below)
     device: str | torch.device = "cpu"
     kv_cache_memory: int | str = DEFAULT_KV_CACHE_MEMORY  # bytes for K and V of all layers
     block_size: int = 16  # tokens per KV block
@@ -70,7 +88,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context length
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds generators of requests that give no seed
-    threads: int | None = None  # torch intra-op threads; None: leave torch's default
+    threads: int | None = None  # CPU threads for torch and the kernels; None: the physical cores
 
     def __post_init__(self) -> None:
         self.torch_dtype = parse_dtype(self.dtype)
@@ -82,5 +100,7 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+        if self.weights not in WEIGHT_MODES:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")

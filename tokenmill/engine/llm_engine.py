@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import EngineConfig, physical_cores
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.scheduler import Scheduler
@@ -30,10 +30,12 @@ PromptInput = str | list[int] | dict[str, Any]
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
+        if config.torch_device.type == "cpu":
+            torch.set_num_threads(config.threads or physical_cores())
         self.source = resolve_model(config.model)
-        loaded = load_model(self.source, config.torch_device, config.torch_dtype, config.max_model_len)
+        loaded = load_model(
+            self.source, config.torch_device, config.torch_dtype, config.max_model_len, config.weights
+        )
         self.model_config = loaded.config
         self.tokenizer: Tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len

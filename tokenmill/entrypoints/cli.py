@@ -26,6 +26,13 @@ def add_engine_options(p: argparse.ArgumentParser, positional_model: bool = Fals
         default="float32",
         help="weights/activations dtype: float32, bfloat16, float16 (default: float32)",
     )
+    g.add_argument(
+        "--weights",
+        default="auto",
+        choices=["auto", "dense", "q4", "q8"],
+        help="weight format: auto runs a GGUF's quantized weights natively on the CPU; dense dequantizes to "
+        "--dtype; q4/q8 convert every linear weight to 4/8-bit blocks (default: auto)",
+    )
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     g.add_argument(
         "--kv-cache-memory",
@@ -42,12 +49,13 @@ def add_engine_options(p: argparse.ArgumentParser, positional_model: bool = Fals
     g.add_argument("--max-num-seqs", type=int, default=128, help="sequences running at once (default: 128)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn off automatic prefix caching")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "dtype": args.dtype,
+        "weights": args.weights,
         "device": args.device,
         "kv_cache_memory": args.kv_cache_memory,
         "block_size": args.block_size,

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
-_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+_SOURCES = sorted(str(p) for p in (Path(__file__).parent / "csrc").glob("*.cpp"))
 
 
 @functools.cache
@@ -24,7 +24,7 @@ def load_cpu_kernels() -> ModuleType | None:
 
         return load(
             name="tokenmill_cpu_kernels",
-            sources=[str(_SOURCE)],
+            sources=_SOURCES,
             # fast-math lets gcc vectorize exp (libmvec); finite-math stays off since -inf is used
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
             extra_ldflags=["-fopenmp"],

@@ -1,10 +1,19 @@
 """Linear layers. A seam for weight formats: the model only calls `layer(x)`, so a quantized layer
-with the same call can replace the dense one without touching the model code."""
+with the same call replaces the dense one without touching the model code."""
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
+
+from tokenmill.layers.quantization import PackedWeight, dequantize
+
+# Below this many activation rows the kernel decodes each weight block in registers for every row (a step
+# reads the quantized bytes once); from it on, weights are decoded a tile at a time for torch's GEMM.
+GEMM_MIN_ROWS = 32
+GEMM_TILE_BYTES = 1 << 20
 
 
 class DenseLinear:
@@ -20,3 +29,60 @@ class DenseLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the weight as fp tensors: the embedding lookup of a tied embedding/lm_head."""
+        return F.embedding(ids, self.weight)
+
+
+class QuantLinear:
+    """y = x @ W^T (+ b) with W kept block-quantized (see quantization.py) and x in fp32.
+
+    Runs the C++ kernels when they are built; otherwise decodes the weight with torch on every call
+    (correct, slow: the fallback on machines without a compiler).
+    """
+
+    def __init__(self, weight: PackedWeight, bias: torch.Tensor | None, kernels: ModuleType | None):
+        self.weight = weight
+        self.bias = bias
+        self.kernels = kernels
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w, k = self.weight, self.kernels
+        if k is None:
+            y = F.linear(x, dequantize(w))
+        elif w.format == "q4":
+            y = k.q4_linear(x, w.codes, w.scales, w.mins, GEMM_MIN_ROWS, GEMM_TILE_BYTES)
+        else:
+            y = k.q8_linear(x, w.codes, w.scales, GEMM_MIN_ROWS, GEMM_TILE_BYTES)
+        return y if self.bias is None else y + self.bias
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        part = self.weight.rows(ids)
+        if self.kernels is None:
+            return dequantize(part)
+        if part.format == "q4":
+            return self.kernels.q4_dequantize(part.codes, part.scales, part.mins)
+        return self.kernels.q8_dequantize(part.codes, part.scales)
+
+
+class ConcatLinear:
+    """Several linears applied to the same input, outputs side by side: a fused projection (QKV, gate/up)
+    whose parts could not be stored as one weight (different formats)."""
+
+    def __init__(self, parts: list[DenseLinear | QuantLinear]):
+        self.parts = parts
+
+    @property
+    def out_features(self) -> int:
+        return sum(p.out_features for p in self.parts)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+Linear = DenseLinear | QuantLinear | ConcatLinear

@@ -17,12 +17,14 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
+from tokenmill.layers.quantization import NATIVE_GGUF_FORMATS, PackedWeight, pack_gguf, quantize
 from tokenmill.models.model_config import ModelConfig
 
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = {
     Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
 }  # fmt: skip
+_FLOAT_TYPES = {Q.F32, Q.F16, Q.BF16}
 SUPPORTED_ARCHITECTURES = {"llama", "qwen2", "mistral"}
 _PERMUTED_ARCHITECTURES = {"llama", "mistral"}  # llama.cpp's converter permutes Q/K only for these
 
@@ -122,21 +124,40 @@ class GGUFModel:
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists the fastest dim first
         return np.array(dequantize(tensor.data, qtype), dtype=np.float32).reshape(shape)  # a writable copy
 
-    def tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (HF name, float32 tensor) for every weight the model needs."""
+    def tensors(
+        self, config: ModelConfig, packed: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor | PackedWeight]]:
+        """Yield (HF name, tensor) for every weight the model needs: float32 tensors, or with `packed`,
+        quantized 2-D weights kept quantized: Q4_0/Q4_1/Q4_K/Q8_0 repacked as they are, other quantized
+        types (Q5_*, Q6_K, Q2_K, Q3_K) decoded and requantized to q8, which is finer than all of them."""
         for t in self.reader.tensors:
             if t.name == "rope_freqs.weight":
                 continue
             hf_name = _hf_name(t.name)
             if hf_name is None:
                 continue  # e.g. unused rope tables; the model validates that nothing it needs is missing
-            array = self._dequantize(t)
+            heads = None
             if config.architecture in _PERMUTED_ARCHITECTURES:
                 if hf_name.endswith("q_proj.weight"):
-                    array = _unpermute(array, config.num_heads)
+                    heads = config.num_heads
                 elif hf_name.endswith("k_proj.weight"):
-                    array = _unpermute(array, config.num_kv_heads)
-            yield hf_name, torch.from_numpy(np.ascontiguousarray(array))
+                    heads = config.num_kv_heads
+            qtype = GGMLQuantizationType(t.tensor_type)
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            if packed and len(shape) == 2 and qtype in NATIVE_GGUF_FORMATS:
+                weight = pack_gguf(t.data, qtype, *shape)
+                if heads is not None:
+                    weight = weight.rows(torch.from_numpy(_unpermute(np.arange(shape[0]), heads)))
+                yield hf_name, weight
+                continue
+            array = self._dequantize(t)
+            if heads is not None:
+                array = _unpermute(array, heads)
+            tensor = torch.from_numpy(np.ascontiguousarray(array))
+            if packed and len(shape) == 2 and qtype not in _FLOAT_TYPES:
+                yield hf_name, quantize(tensor, "q8")
+            else:
+                yield hf_name, tensor
 
 
 def _hf_name(gguf_name: str) -> str | None:

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from tokenmill.layers.attention import AttentionMetadata, TorchAttention
 from tokenmill.layers.cpu_kernels import load_cpu_kernels
-from tokenmill.layers.linear import DenseLinear
+from tokenmill.layers.linear import ConcatLinear, DenseLinear, Linear, QuantLinear
 from tokenmill.layers.norm import rms_norm
+from tokenmill.layers.quantization import PackedWeight, cat_rows, convert
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.model_config import ModelConfig
 
@@ -23,11 +24,11 @@ from tokenmill.models.model_config import ModelConfig
 @dataclass
 class LlamaLayer:
     input_norm: torch.Tensor
-    qkv: DenseLinear
-    o_proj: DenseLinear
+    qkv: Linear
+    o_proj: Linear
     post_norm: torch.Tensor
-    gate_up: DenseLinear
-    down: DenseLinear
+    gate_up: Linear
+    down: Linear
 
 
 class LlamaModel:
@@ -36,13 +37,14 @@ class LlamaModel:
         self.device = device
         self.dtype = dtype
         self.layers: list[LlamaLayer] = []
-        self.embed: torch.Tensor | None = None
+        self.embed: DenseLinear | QuantLinear | None = None  # looked up by rows; shared with a tied lm_head
         self.final_norm: torch.Tensor | None = None
-        self.lm_head: DenseLinear | None = None
+        self.lm_head: DenseLinear | QuantLinear | None = None
         self.rotary = RotaryEmbedding(
             config.head_dim, max_positions, config.rope_theta, config.rope_scaling, device, dtype
         )
         kernels = load_cpu_kernels() if device.type == "cpu" else None
+        self.kernels = kernels
         self.attention = TorchAttention(
             config.num_heads,
             config.num_kv_heads,
@@ -54,52 +56,60 @@ class LlamaModel:
         self._kv_size = c.num_kv_heads * c.head_dim
 
     # ---- weights -------------------------------------------------------------------------------
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Take tensors under HF names (float32, any order), cast them, and fuse projections."""
+    def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor | PackedWeight]], weight_mode: str = "dense"
+    ) -> None:
+        """Take tensors under HF names (float32 or packed, any order), convert the 2-D weights as
+        `weight_mode` asks (see quantization.convert), cast the rest, and fuse projections."""
         c = self.config
-        raw: dict[str, torch.Tensor] = {}
+        if weight_mode not in ("dense", "auto") and self.dtype != torch.float32:
+            raise ValueError(f"weights {weight_mode!r} run with float32 activations; use --dtype float32")
+        raw: dict[str, torch.Tensor | PackedWeight] = {}
         for name, tensor in weights:
-            raw[name] = tensor.to(device=self.device, dtype=self.dtype)
+            if isinstance(tensor, PackedWeight) or tensor.dim() == 2:
+                tensor = convert(tensor, weight_mode)
+            if isinstance(tensor, PackedWeight):
+                raw[name] = PackedWeight(tensor.format, *(t.to(self.device) for t in tensor.tensors()))
+            else:
+                raw[name] = tensor.to(device=self.device, dtype=self.dtype)
 
-        def take(name: str) -> torch.Tensor:
+        def take(name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor | PackedWeight:
             try:
-                return raw.pop(name)
+                tensor = raw.pop(name)
             except KeyError:
                 raise ValueError(f"model weights are missing tensor {name!r}") from None
-
-        def expect(tensor: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
-            if tuple(tensor.shape) != shape:
+            if shape is not None and tuple(tensor.shape) != shape:
                 raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {shape}")
             return tensor
 
         h, inter = c.hidden_size, c.intermediate_size
-        self.embed = expect(take("model.embed_tokens.weight"), (c.vocab_size, h), "embed_tokens")
+        self.embed = self._linear([take("model.embed_tokens.weight", (c.vocab_size, h))])
         self.final_norm = take("model.norm.weight")
-        head = raw.pop("lm_head.weight", None)
-        if head is None:
-            if not c.tie_word_embeddings:
-                raise ValueError("model weights are missing tensor 'lm_head.weight'")
-            head = self.embed
-        self.lm_head = DenseLinear(expect(head, (c.vocab_size, h), "lm_head"))
+        if "lm_head.weight" in raw:
+            self.lm_head = self._linear([take("lm_head.weight", (c.vocab_size, h))])
+        elif c.tie_word_embeddings:
+            self.lm_head = self.embed
+        else:
+            raise ValueError("model weights are missing tensor 'lm_head.weight'")
         self.layers = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
-            q = expect(take(p + "self_attn.q_proj.weight"), (self._q_size, h), p + "q_proj")
-            k = expect(take(p + "self_attn.k_proj.weight"), (self._kv_size, h), p + "k_proj")
-            v = expect(take(p + "self_attn.v_proj.weight"), (self._kv_size, h), p + "v_proj")
+            q = take(p + "self_attn.q_proj.weight", (self._q_size, h))
+            k = take(p + "self_attn.k_proj.weight", (self._kv_size, h))
+            v = take(p + "self_attn.v_proj.weight", (self._kv_size, h))
             bias = None
             if c.attention_bias:
                 bias = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
-            gate = expect(take(p + "mlp.gate_proj.weight"), (inter, h), p + "gate_proj")
-            up = expect(take(p + "mlp.up_proj.weight"), (inter, h), p + "up_proj")
+            gate = take(p + "mlp.gate_proj.weight", (inter, h))
+            up = take(p + "mlp.up_proj.weight", (inter, h))
             self.layers.append(
                 LlamaLayer(
                     input_norm=take(p + "input_layernorm.weight"),
-                    qkv=DenseLinear(torch.cat([q, k, v]).contiguous(), bias),
-                    o_proj=DenseLinear(take(p + "self_attn.o_proj.weight")),
+                    qkv=self._linear([q, k, v], bias),
+                    o_proj=self._linear([take(p + "self_attn.o_proj.weight")]),
                     post_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=DenseLinear(torch.cat([gate, up]).contiguous()),
-                    down=DenseLinear(take(p + "mlp.down_proj.weight")),
+                    gate_up=self._linear([gate, up]),
+                    down=self._linear([take(p + "mlp.down_proj.weight")]),
                 )
             )
         raw.pop("model.rotary_emb.inv_freq", None)
@@ -108,6 +118,25 @@ class LlamaModel:
                 raw.pop(name)
         if raw:
             raise ValueError(f"unexpected tensors in model weights: {sorted(raw)[:5]}")
+
+    def _linear(self, parts: list, bias: torch.Tensor | None = None) -> Linear:
+        """One linear over the row-wise concatenation of `parts` (fused QKV / gate-up): a single weight when
+        the parts share a format, side-by-side linears when they do not (mixed-type GGUFs)."""
+        if all(isinstance(p, PackedWeight) for p in parts):
+            if len({p.format for p in parts}) == 1:
+                return QuantLinear(cat_rows(parts) if len(parts) > 1 else parts[0], bias, self.kernels)
+        elif not any(isinstance(p, PackedWeight) for p in parts):
+            return DenseLinear(torch.cat(parts).contiguous() if len(parts) > 1 else parts[0], bias)
+        linears: list[DenseLinear | QuantLinear] = []
+        start = 0
+        for p in parts:
+            n = p.shape[0]
+            b = None if bias is None else bias[start : start + n]
+            linears.append(
+                QuantLinear(p, b, self.kernels) if isinstance(p, PackedWeight) else DenseLinear(p, b)
+            )
+            start += n
+        return ConcatLinear(linears)
 
     # ---- forward -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -121,7 +150,7 @@ class LlamaModel:
         layers: Sequence[int] | None = None,  # which layers to run (layer skipping); None: all
     ) -> torch.Tensor:
         c = self.config
-        x = F.embedding(input_ids, self.embed)
+        x = self.embed.rows(input_ids)
         t = x.shape[0]
         cos, sin = self.rotary.cos_sin(positions)
         qk_size = self._q_size + self._kv_size

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.layers.cpu_kernels import load_cpu_kernels
 from tokenmill.models.gguf import GGUFModel
 from tokenmill.models.hf import HFModel
 from tokenmill.models.llama import LlamaModel
@@ -28,8 +29,22 @@ class LoadedModel:
     max_model_len: int
 
 
+def resolve_weight_mode(mode: str, source: ModelSource, device: torch.device, dtype: torch.dtype) -> str:
+    """'auto' runs a GGUF's quantized weights natively where the kernels can (CPU, fp32 activations) and
+    dequantizes them elsewhere; float checkpoints stay dense. Other modes are taken as asked."""
+    if mode != "auto":
+        return mode
+    if source.kind == "gguf" and device.type == "cpu" and dtype == torch.float32 and load_cpu_kernels():
+        return "auto"
+    return "dense"
+
+
 def load_model(
-    source: ModelSource, device: torch.device, dtype: torch.dtype, max_model_len: int | None = None
+    source: ModelSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_model_len: int | None = None,
+    weights: str = "auto",
 ) -> LoadedModel:
     checkpoint: GGUFModel | HFModel
     if source.kind == "gguf":
@@ -49,5 +64,9 @@ def load_model(
     elif max_model_len > context:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {context}")
     model = cls(config, device, dtype, max_positions=max_model_len)
-    model.load_weights(checkpoint.tensors(config))
+    mode = resolve_weight_mode(weights, source, device, dtype)
+    if isinstance(checkpoint, GGUFModel):
+        model.load_weights(checkpoint.tensors(config, packed=mode != "dense"), mode)
+    else:
+        model.load_weights(checkpoint.tensors(config), mode)
     return LoadedModel(model, config, tokenizer, max_model_len)

@@ -1,0 +1,21 @@
+// Python bindings of tokenmill's CPU kernels (one extension module built from every file in csrc/).
+#include <torch/extension.h>
+
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale);
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
+                        int64_t gemm_min_rows, int64_t tile_bytes);
+torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t gemm_min_rows,
+                        int64_t tile_bytes);
+torch::Tensor q4_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor mins);
+torch::Tensor q8_dequantize(torch::Tensor codes, torch::Tensor scales);
+bool has_avx2();
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
+  m.def("q4_linear", &q4_linear, "x @ W^T with 4-bit block-quantized W");
+  m.def("q8_linear", &q8_linear, "x @ W^T with 8-bit block-quantized W");
+  m.def("q4_dequantize", &q4_dequantize, "4-bit blocks -> fp32 rows");
+  m.def("q8_dequantize", &q8_dequantize, "8-bit blocks -> fp32 rows");
+  m.def("has_avx2", &has_avx2, "whether the kernels were built with AVX2/FMA/F16C");
+}

@@ -1,0 +1,253 @@
+// Linear layers over block-quantized weights, y = x @ W^T with x in fp32.
+//
+// Both formats cut each weight row into blocks of 32 along the input dimension, with an fp16 scale per
+// block (and, for 4-bit, an fp16 offset):
+//   q8: codes int8  [N, K],   w = s * q
+//   q4: codes uint8 [N, K/2], w = s * q + m, q in 0..15; byte j of a block holds element j in its low
+//       nibble and element j + 16 in its high nibble (the Q4_0/Q4_1 layout of GGUF, so those repack as-is).
+// Weights are decoded to fp32 in registers and multiplied with fp32 activations, so the result equals a
+// plain matmul with the dequantized weights up to summation order: no activation quantization.
+// Few rows (decode): each weight block is decoded once and used for up to 4 activation rows at a time, so a
+// step reads the quantized bytes once. Many rows (prefill): weights are decoded a tile at a time into a
+// cache-sized fp32 buffer and multiplied with torch's GEMM.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define TM_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kTileRows = 4;  // activation rows sharing one decode of a weight block
+
+inline float half_to_float(uint16_t h) {
+#ifdef TM_AVX2
+  return _cvtsh_ss(h);
+#else
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
+// Decode one block to 32 floats (scalar; also the reference for the vector path).
+inline void decode_q4_scalar(const uint8_t* qs, float s, float m, float* w) {
+  for (int j = 0; j < 16; ++j) {
+    w[j] = s * static_cast<float>(qs[j] & 0x0F) + m;
+    w[j + 16] = s * static_cast<float>(qs[j] >> 4) + m;
+  }
+}
+
+inline void decode_q8_scalar(const int8_t* qs, float s, float* w) {
+  for (int j = 0; j < 32; ++j) w[j] = s * static_cast<float>(qs[j]);
+}
+
+#ifdef TM_AVX2
+inline void decode_q4(const uint8_t* qs, float s, float m, __m256 w[4]) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(v, mask);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+  const __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m);
+  w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), vs, vm);
+  w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), vs, vm);
+  w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vs, vm);
+  w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), vs, vm);
+}
+
+inline void decode_q8(const int8_t* qs, float s, __m256 w[4]) {
+  const __m256 vs = _mm256_set1_ps(s);
+  for (int i = 0; i < 4; ++i) {
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * i));
+    w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), vs);
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// One output column n for R activation rows: y[r, n] = x[r] . w[n].
+template <bool Q4, int R>
+inline void dot_rows(const float* x, int64_t ldx, int64_t K, const uint8_t* codes, const uint16_t* scales,
+                     const uint16_t* mins, float* y, int64_t ldy) {
+  const int64_t nb = K / kBlock;
+#ifdef TM_AVX2
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 w[4];
+  for (int64_t b = 0; b < nb; ++b) {
+    if constexpr (Q4) {
+      decode_q4(codes + b * 16, half_to_float(scales[b]), half_to_float(mins[b]), w);
+    } else {
+      decode_q8(reinterpret_cast<const int8_t*>(codes) + b * 32, half_to_float(scales[b]), w);
+    }
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + b * kBlock;
+      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w[0], acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), w[1], acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), w[2], acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), w[3], acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(acc[r]);
+#else
+  float acc[R] = {};
+  float w[kBlock];
+  for (int64_t b = 0; b < nb; ++b) {
+    if constexpr (Q4) {
+      decode_q4_scalar(codes + b * 16, half_to_float(scales[b]), half_to_float(mins[b]), w);
+    } else {
+      decode_q8_scalar(reinterpret_cast<const int8_t*>(codes) + b * 32, half_to_float(scales[b]), w);
+    }
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + b * kBlock;
+      for (int j = 0; j < kBlock; ++j) acc[r] += xr[j] * w[j];
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = acc[r];
+#endif
+}
+
+template <bool Q4>
+void gemv_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
+               const uint16_t* mins, int64_t N, float* y) {
+  const int64_t row_bytes = Q4 ? K / 2 : K, nb = K / kBlock;
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* c = codes + n * row_bytes;
+      const uint16_t* s = scales + n * nb;
+      const uint16_t* m = Q4 ? mins + n * nb : nullptr;
+      int64_t r = 0;
+      for (; r + kTileRows <= M; r += kTileRows) dot_rows<Q4, 4>(x + r * K, K, K, c, s, m, y + r * N + n, N);
+      switch (M - r) {
+        case 3: dot_rows<Q4, 3>(x + r * K, K, K, c, s, m, y + r * N + n, N); break;
+        case 2: dot_rows<Q4, 2>(x + r * K, K, K, c, s, m, y + r * N + n, N); break;
+        case 1: dot_rows<Q4, 1>(x + r * K, K, K, c, s, m, y + r * N + n, N); break;
+        default: break;
+      }
+    }
+  });
+}
+
+// Rows [n0, n1) of the weight, decoded to fp32 into out [n1 - n0, K].
+template <bool Q4>
+void decode_rows(const uint8_t* codes, const uint16_t* scales, const uint16_t* mins, int64_t K, int64_t n0,
+                 int64_t n1, float* out) {
+  const int64_t row_bytes = Q4 ? K / 2 : K, nb = K / kBlock;
+  at::parallel_for(n0, n1, 4, [&](int64_t a, int64_t e) {
+    for (int64_t n = a; n < e; ++n) {
+      float* o = out + (n - n0) * K;
+      for (int64_t b = 0; b < nb; ++b) {
+        const float s = half_to_float(scales[n * nb + b]);
+#ifdef TM_AVX2
+        __m256 w[4];
+        if constexpr (Q4) {
+          decode_q4(codes + n * row_bytes + b * 16, s, half_to_float(mins[n * nb + b]), w);
+        } else {
+          decode_q8(reinterpret_cast<const int8_t*>(codes + n * row_bytes) + b * 32, s, w);
+        }
+        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(o + b * kBlock + 8 * i, w[i]);
+#else
+        if constexpr (Q4) {
+          decode_q4_scalar(codes + n * row_bytes + b * 16, s, half_to_float(mins[n * nb + b]), o + b * kBlock);
+        } else {
+          decode_q8_scalar(reinterpret_cast<const int8_t*>(codes + n * row_bytes) + b * 32, s, o + b * kBlock);
+        }
+#endif
+      }
+    }
+  });
+}
+
+void check_weight(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor* mins, bool q4) {
+  TORCH_CHECK(codes.device().is_cpu() && codes.is_contiguous() && codes.dim() == 2, "codes: contiguous 2-D CPU");
+  TORCH_CHECK(codes.scalar_type() == (q4 ? at::kByte : at::kChar), q4 ? "q4 codes must be uint8" : "q8 codes must be int8");
+  const int64_t K = q4 ? codes.size(1) * 2 : codes.size(1);
+  TORCH_CHECK(K % kBlock == 0, "input features must be a multiple of 32");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "scales must be contiguous fp16");
+  TORCH_CHECK(scales.size(0) == codes.size(0) && scales.size(1) == K / kBlock, "scales shape mismatch");
+  if (mins != nullptr) {
+    TORCH_CHECK(mins->scalar_type() == at::kHalf && mins->is_contiguous(), "mins must be contiguous fp16");
+    TORCH_CHECK(mins->sizes() == scales.sizes(), "mins shape mismatch");
+  }
+}
+
+template <bool Q4>
+torch::Tensor quant_linear(torch::Tensor x, const torch::Tensor& codes, const torch::Tensor& scales,
+                           const torch::Tensor& mins, int64_t gemm_min_rows, int64_t tile_bytes) {
+  check_weight(codes, scales, Q4 ? &mins : nullptr, Q4);
+  const int64_t N = codes.size(0), K = Q4 ? codes.size(1) * 2 : codes.size(1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == K, "x must be fp32 with ", K, " features");
+  auto shape = x.sizes().vec();
+  x = x.reshape({-1, K}).contiguous();
+  const int64_t M = x.size(0);
+  shape.back() = N;
+  const auto* c = static_cast<const uint8_t*>(codes.data_ptr());
+  const auto* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const auto* m = Q4 ? reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()) : nullptr;
+  if (M < gemm_min_rows) {
+    auto y = torch::empty({M, N}, x.options());
+    gemv_rows<Q4>(x.data_ptr<float>(), M, K, c, s, m, N, y.data_ptr<float>());
+    return y.view(shape);
+  }
+  // GEMM path: compute y^T one weight tile at a time, so the decoded tile stays in cache.
+  const int64_t tile = std::max<int64_t>(16, std::min<int64_t>(N, tile_bytes / (K * 4)));
+  auto buf = torch::empty({tile, K}, x.options());
+  auto yt = torch::empty({N, M}, x.options());
+  for (int64_t n0 = 0; n0 < N; n0 += tile) {
+    const int64_t n1 = std::min(N, n0 + tile);
+    decode_rows<Q4>(c, s, m, K, n0, n1, buf.data_ptr<float>());
+    auto out = yt.narrow(0, n0, n1 - n0);
+    at::mm_out(out, buf.narrow(0, 0, n1 - n0), x.t());
+  }
+  return yt.t().contiguous().view(shape);
+}
+
+}  // namespace
+
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
+                        int64_t gemm_min_rows, int64_t tile_bytes) {
+  return quant_linear<true>(x, codes, scales, mins, gemm_min_rows, tile_bytes);
+}
+
+torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t gemm_min_rows,
+                        int64_t tile_bytes) {
+  return quant_linear<false>(x, codes, scales, scales, gemm_min_rows, tile_bytes);
+}
+
+// Dequantize every row of a weight (or of a row gather of one, e.g. embedding lookups) to fp32 [N, K].
+torch::Tensor q4_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor mins) {
+  codes = codes.contiguous(), scales = scales.contiguous(), mins = mins.contiguous();
+  check_weight(codes, scales, &mins, true);
+  const int64_t N = codes.size(0), K = codes.size(1) * 2;
+  auto out = torch::empty({N, K}, torch::kFloat);
+  decode_rows<true>(codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+                    reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()), K, 0, N, out.data_ptr<float>());
+  return out;
+}
+
+torch::Tensor q8_dequantize(torch::Tensor codes, torch::Tensor scales) {
+  codes = codes.contiguous(), scales = scales.contiguous();
+  check_weight(codes, scales, nullptr, false);
+  const int64_t N = codes.size(0), K = codes.size(1);
+  auto out = torch::empty({N, K}, torch::kFloat);
+  decode_rows<false>(reinterpret_cast<const uint8_t*>(codes.data_ptr<int8_t>()),
+                     reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), nullptr, K, 0, N,
+                     out.data_ptr<float>());
+  return out;
+}
+
+bool has_avx2() {
+#ifdef TM_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
