@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import torch
 
 from tokenmill.layers.cpu_kernels import load_cpu_kernels
+from tokenmill.layers.quantization import PackedWeight
 from tokenmill.models.gguf import GGUFModel
 from tokenmill.models.hf import HFModel
 from tokenmill.models.llama import LlamaModel
 from tokenmill.models.model_config import ModelConfig
 from tokenmill.models.source import ModelSource
 from tokenmill.models.tokenizer import Tokenizer
+from tokenmill.models.weight_cache import default_cache_root, load_converted_gguf
 
 MODEL_CLASSES: dict[str, type[LlamaModel]] = {
     "llama": LlamaModel,
@@ -45,16 +50,27 @@ def load_model(
     dtype: torch.dtype,
     max_model_len: int | None = None,
     weights: str = "auto",
+    cache_root: Path | None | Literal["default"] = "default",
 ) -> LoadedModel:
-    checkpoint: GGUFModel | HFModel
-    if source.kind == "gguf":
+    """Build the model `source` names. GGUF weights that stay packed come through the weight cache under
+    `cache_root` ('default': see weight_cache.default_cache_root; None: no cache)."""
+    if cache_root == "default":
+        cache_root = default_cache_root()
+    mode = resolve_weight_mode(weights, source, device, dtype)
+    if source.kind == "gguf" and mode != "dense":  # packed weights: through the on-disk cache
+        converted = load_converted_gguf(source.path, cache_root)
+        config, tokenizer = converted.config, converted.tokenizer
+        tensors: Iterable[tuple[str, torch.Tensor | PackedWeight]] = converted.tensors.items()
+    elif source.kind == "gguf":
         checkpoint = GGUFModel(source.path)
         config = checkpoint.model_config()
         tokenizer = Tokenizer.from_gguf_metadata(checkpoint.metadata)
+        tensors = checkpoint.tensors(config)
     else:
         checkpoint = HFModel(source.path)
         config = checkpoint.model_config()
         tokenizer = Tokenizer.from_hf_dir(source.path)
+        tensors = checkpoint.tensors(config)
     cls = MODEL_CLASSES.get(config.architecture)
     if cls is None:
         raise ValueError(f"unsupported model architecture {config.architecture!r}")
@@ -64,9 +80,5 @@ def load_model(
     elif max_model_len > context:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {context}")
     model = cls(config, device, dtype, max_positions=max_model_len)
-    mode = resolve_weight_mode(weights, source, device, dtype)
-    if isinstance(checkpoint, GGUFModel):
-        model.load_weights(checkpoint.tensors(config, packed=mode != "dense"), mode)
-    else:
-        model.load_weights(checkpoint.tensors(config), mode)
+    model.load_weights(tensors, mode)
     return LoadedModel(model, config, tokenizer, max_model_len)

@@ -253,6 +253,27 @@ class Tokenizer:
             extra_eos_token_ids=extra_eos,
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild this tokenizer, as JSON-able values (the weight cache stores it:
+        rebuilding from GGUF metadata is the slow part of a cold start)."""
+        return {
+            "backend": self.backend.to_str(),
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "unk_token": self.unk_token,
+            "pad_token": self.pad_token,
+            "add_bos_token": self.add_bos_token,
+            "add_eos_token": self.add_eos_token,
+            "chat_template": self.chat_template,
+            "extra_eos_token_ids": list(self.extra_eos_token_ids),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Tokenizer:
+        fields = dict(data)
+        backend = HFTokenizer.from_str(fields.pop("backend"))
+        return cls(backend, **fields)
+
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> Tokenizer:
         """Build from an HF model dir: tokenizer.json, tokenizer_config.json, chat_template.jinja,

@@ -79,8 +79,11 @@ inline void dot_rows(const float* x, int64_t ldx, int64_t K, const uint8_t* code
                      const uint16_t* mins, float* y, int64_t ldy) {
   const int64_t nb = K / kBlock;
 #ifdef TM_AVX2
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  // Independent accumulators per row: one FMA chain per block each, so FMA latency does not bound the loop.
+  constexpr int A = R <= 2 ? 4 : 2;
+  __m256 acc[R][A];
+  for (int r = 0; r < R; ++r)
+    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
   __m256 w[4];
   for (int64_t b = 0; b < nb; ++b) {
     if constexpr (Q4) {
@@ -90,13 +93,14 @@ inline void dot_rows(const float* x, int64_t ldx, int64_t K, const uint8_t* code
     }
     for (int r = 0; r < R; ++r) {
       const float* xr = x + r * ldx + b * kBlock;
-      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w[0], acc[r]);
-      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), w[1], acc[r]);
-      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), w[2], acc[r]);
-      acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), w[3], acc[r]);
+      for (int i = 0; i < 4; ++i) acc[r][i % A] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8 * i), w[i], acc[r][i % A]);
     }
   }
-  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(acc[r]);
+  for (int r = 0; r < R; ++r) {
+    __m256 t = acc[r][0];
+    for (int a = 1; a < A; ++a) t = _mm256_add_ps(t, acc[r][a]);
+    y[r * ldy] = hsum(t);
+  }
 #else
   float acc[R] = {};
   float w[kBlock];
