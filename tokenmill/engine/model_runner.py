@@ -31,7 +31,9 @@ class ModelRunner:
         # (no 2 GiB memset at start-up; pages are committed as they fill). The torch path attends over
         # whole blocks under a mask, and NaN garbage would leak through it: zero the cache for that path.
         reads_only_written = getattr(model.attention, "decode_kernel", None) is not None
-        self.kv_cache = (torch.empty if reads_only_written else torch.zeros)(shape, dtype=dtype, device=device)
+        self.kv_cache = (torch.empty if reads_only_written else torch.zeros)(
+            shape, dtype=dtype, device=device
+        )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(config.num_layers)]
 
     def run(self, batch: ScheduledBatch) -> dict[int, SampleResult]:

@@ -206,6 +206,18 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def cmd_eval_quality(args: argparse.Namespace) -> int:
+    from tokenmill.bench.quality import evaluate_formats, format_table, to_json
+
+    formats = [f.strip() for f in args.weights.split(",") if f.strip()]
+    results = evaluate_formats(args.model, formats, args.num_tokens)
+    print(format_table(results, args.num_tokens))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            f.write(to_json(results))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from tokenmill.entrypoints.openai.api_server import run_server
 
@@ -256,6 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
     p.set_defaults(func=cmd_serve)
+
+    ev = sub.add_parser("eval", help="quality evaluations").add_subparsers(dest="eval", required=True)
+    p = ev.add_parser(
+        "quality",
+        help="perplexity and top-1 agreement of weight formats vs the fp32 path",
+        description="Teacher-forced pass over a fixed text (CPython's pydoc topics) with the dense fp32 "
+        "weights and with each format; prints perplexity and the share of positions whose top-1 token "
+        "matches the fp32 path.",
+    )
+    p.add_argument("--model", "-m", default=None, help="alias, .gguf file or HF folder (default: embedded)")
+    p.add_argument(
+        "--weights", default="auto,q8,q4", help="formats to score, comma-separated (default: auto,q8,q4)"
+    )
+    p.add_argument("--num-tokens", type=int, default=2048, help="tokens of text to score (default: 2048)")
+    p.add_argument("--output-json", default=None, help="also write the results as JSON to this file")
+    p.set_defaults(func=cmd_eval_quality)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("throughput", help="offline throughput on a fixed synthetic workload")

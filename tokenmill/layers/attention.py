@@ -58,9 +58,11 @@ class TorchAttention:
         k_cache: torch.Tensor,  # [num_blocks, Hkv, block_size, D]: each head's tokens contiguous in a block
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        kv_written: bool = False,  # the caller already wrote k/v to their slots (fused rotary + write)
     ) -> torch.Tensor:
-        k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
-        v_cache[meta.slot_blocks, :, meta.slot_offsets] = v
+        if not kv_written:
+            k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
+            v_cache[meta.slot_blocks, :, meta.slot_offsets] = v
         out = torch.empty_like(q)
         nd = meta.num_decode_tokens
         if nd:

@@ -45,6 +45,7 @@ class LlamaModel:
         )
         kernels = load_cpu_kernels() if device.type == "cpu" else None
         self.kernels = kernels
+        self.fused = kernels is not None and dtype == torch.float32  # C++ fused elementwise ops
         self.attention = TorchAttention(
             config.num_heads,
             config.num_kv_heads,
@@ -150,11 +151,21 @@ class LlamaModel:
         layers: Sequence[int] | None = None,  # which layers to run (layer skipping); None: all
     ) -> torch.Tensor:
         c = self.config
-        x = self.embed.rows(input_ids)
-        t = x.shape[0]
+        x = self.embed.rows(input_ids).to(self.dtype)
         cos, sin = self.rotary.cos_sin(positions)
+        run = self._layers_fused if self.fused else self._layers_torch
+        x = run(
+            x, cos, sin, meta, kv_caches, logits_indices, range(c.num_layers) if layers is None else layers
+        )
+        x = rms_norm(x, self.final_norm, c.rms_norm_eps)
+        return self.lm_head(x).float()
+
+    def _layers_torch(self, x, cos, sin, meta, kv_caches, logits_indices, layers) -> torch.Tensor:
+        """The layers in plain torch ops (any device and dtype); returns the hidden states of logits rows."""
+        c = self.config
+        t = x.shape[0]
         qk_size = self._q_size + self._kv_size
-        for i in range(c.num_layers) if layers is None else layers:
+        for i in layers:
             layer = self.layers[i]
             h = rms_norm(x, layer.input_norm, c.rms_norm_eps)
             qkv = layer.qkv(h)
@@ -168,5 +179,40 @@ class LlamaModel:
             h = rms_norm(x, layer.post_norm, c.rms_norm_eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
-        x = rms_norm(x[logits_indices], self.final_norm, c.rms_norm_eps)
-        return self.lm_head(x).float()
+        return x[logits_indices]
+
+    def _layers_fused(self, x, cos, sin, meta, kv_caches, logits_indices, layers) -> torch.Tensor:
+        """The same layers with the C++ fused ops (CPU, fp32): residual add + norm in one op, rotary and the
+        KV cache write in one op, silu * up in one op. Each residual is added when the next norm runs."""
+        c, kernels = self.config, self.kernels
+        t = x.shape[0]
+        cos, sin = cos.squeeze(1), sin.squeeze(1)
+        qk_size = self._q_size + self._kv_size
+        x = x.contiguous()
+        delta: torch.Tensor | None = None
+        for i in layers:
+            layer = self.layers[i]
+            h = kernels.add_rms_norm(x, delta, layer.input_norm, c.rms_norm_eps)
+            qkv = layer.qkv(h)
+            k_cache, v_cache = kv_caches[i]
+            kernels.rope_kv_write(
+                qkv,
+                cos,
+                sin,
+                k_cache,
+                v_cache,
+                meta.slot_blocks,
+                meta.slot_offsets,
+                c.num_heads,
+                c.num_kv_heads,
+            )
+            q = qkv[:, : self._q_size].view(t, c.num_heads, c.head_dim)
+            k = qkv[:, self._q_size : qk_size].view(t, c.num_kv_heads, c.head_dim)
+            v = qkv[:, qk_size:].view(t, c.num_kv_heads, c.head_dim)
+            attn = self.attention(q, k, v, k_cache, v_cache, meta, kv_written=True)
+            h = kernels.add_rms_norm(
+                x, layer.o_proj(attn.reshape(t, self._q_size)), layer.post_norm, c.rms_norm_eps
+            )
+            delta = layer.down(kernels.silu_mul(layer.gate_up(h)))
+        x = x[logits_indices]
+        return x if delta is None else x + delta[logits_indices]

@@ -10,6 +10,11 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
 torch::Tensor q4_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor mins);
 torch::Tensor q8_dequantize(torch::Tensor codes, torch::Tensor scales);
 bool has_avx2();
+torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor weight, double eps);
+void rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                   torch::Tensor v_cache, torch::Tensor slot_blocks, torch::Tensor slot_offsets, int64_t H,
+                   int64_t Hkv);
+torch::Tensor silu_mul(torch::Tensor gate_up);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
@@ -17,5 +22,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_linear", &q8_linear, "x @ W^T with 8-bit block-quantized W");
   m.def("q4_dequantize", &q4_dequantize, "4-bit blocks -> fp32 rows");
   m.def("q8_dequantize", &q8_dequantize, "8-bit blocks -> fp32 rows");
+  m.def("add_rms_norm", &add_rms_norm, "x += delta; rms_norm(x) * weight (fp32)");
+  m.def("rope_kv_write", &rope_kv_write, "rotate q/k in place and write k/v to the paged cache (fp32)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up (fp32)");
   m.def("has_avx2", &has_avx2, "whether the kernels were built with AVX2/FMA/F16C");
 }

@@ -1,0 +1,106 @@
+// Fused per-token elementwise work of a decoder layer (fp32). Each replaces several torch ops, and in a
+// single-sequence decode step every op costs more in dispatch than in arithmetic.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+
+// x += delta (when given), then returns weight * x / rms(x). x: [T, D] fp32, updated in place.
+torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [T, D]");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.numel() == x.size(1), "weight: fp32 [D]");
+  const int64_t T = x.size(0), D = x.size(1);
+  torch::Tensor d;
+  if (delta.has_value()) {
+    d = delta->contiguous();
+    TORCH_CHECK(d.scalar_type() == at::kFloat && d.sizes() == x.sizes(), "delta must match x");
+  }
+  auto out = torch::empty_like(x);
+  float* xp = x.data_ptr<float>();
+  const float* dp = d.defined() ? d.data_ptr<float>() : nullptr;
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* xr = xp + t * D;
+      if (dp != nullptr) {
+        const float* dr = dp + t * D;
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) xr[i] += dr[i];
+      }
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
+      const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + e);
+      float* orow = op + t * D;
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) orow[i] = wp[i] * (xr[i] * r);
+    }
+  });
+  return out;
+}
+
+// qkv: [T, (H + 2 Hkv) * Dh] fp32, rotated in place (q and k heads, half-split layout); k and v are then
+// written to their cache slots. cos, sin: [T, Dh / 2]. Caches: [blocks, Hkv, block_size, Dh].
+void rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                   torch::Tensor v_cache, torch::Tensor slot_blocks, torch::Tensor slot_offsets, int64_t H,
+                   int64_t Hkv) {
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.is_contiguous(), "qkv: contiguous fp32");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "caches: contiguous fp32");
+  cos = cos.contiguous(), sin = sin.contiguous();
+  slot_blocks = slot_blocks.contiguous(), slot_offsets = slot_offsets.contiguous();
+  const int64_t T = qkv.size(0), Dh = k_cache.size(3), half = Dh / 2, bs = k_cache.size(2);
+  TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * Dh && cos.size(-1) == half, "qkv/cos shapes");
+  float* p = qkv.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t* blocks = slot_blocks.data_ptr<int64_t>();
+  const int64_t* offs = slot_offsets.data_ptr<int64_t>();
+  const int64_t W = qkv.size(1);
+  at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* row = p + t * W;
+      const float* c = cp + t * half;
+      const float* s = sp + t * half;
+      for (int64_t h = 0; h < H + Hkv; ++h) {
+        float* x = row + h * Dh;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = x[i], x2 = x[i + half];
+          x[i] = x1 * c[i] - x2 * s[i];
+          x[i + half] = x2 * c[i] + x1 * s[i];
+        }
+      }
+      const int64_t base = blocks[t] * Hkv * bs + offs[t];
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const int64_t dst = (base + h * bs) * Dh;
+        std::memcpy(kc + dst, row + (H + h) * Dh, Dh * sizeof(float));
+        std::memcpy(vc + dst, row + (H + Hkv + h) * Dh, Dh * sizeof(float));
+      }
+    }
+  });
+}
+
+// gate_up: [T, 2I] -> silu(gate) * up: [T, I].
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat && gate_up.dim() == 2, "gate_up: fp32 [T, 2I]");
+  gate_up = gate_up.contiguous();
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
+  auto out = torch::empty({T, I}, gate_up.options());
+  const float* g = gate_up.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* gr = g + t * 2 * I;
+      const float* ur = gr + I;
+      float* orow = o + t * I;
+#pragma omp simd
+      for (int64_t i = 0; i < I; ++i) orow[i] = gr[i] / (1.f + std::exp(-gr[i])) * ur[i];
+    }
+  });
+  return out;
+}
