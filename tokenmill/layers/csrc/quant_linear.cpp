@@ -12,8 +12,11 @@
 // cache-sized fp32 buffer and multiplied with torch's GEMM.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <vector>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define TM_AVX2 1
@@ -73,35 +76,11 @@ inline float hsum(__m256 v) {
 }
 #endif
 
-// One output column n for R activation rows: y[r, n] = x[r] . w[n].
+// One output column n for R activation rows: y[r, n] = x[r] . w[n] (scalar fp32; builds without AVX2).
 template <bool Q4, int R>
 inline void dot_rows(const float* x, int64_t ldx, int64_t K, const uint8_t* codes, const uint16_t* scales,
                      const uint16_t* mins, float* y, int64_t ldy) {
   const int64_t nb = K / kBlock;
-#ifdef TM_AVX2
-  // Independent accumulators per row: one FMA chain per block each, so FMA latency does not bound the loop.
-  constexpr int A = R <= 2 ? 4 : 2;
-  __m256 acc[R][A];
-  for (int r = 0; r < R; ++r)
-    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
-  __m256 w[4];
-  for (int64_t b = 0; b < nb; ++b) {
-    if constexpr (Q4) {
-      decode_q4(codes + b * 16, half_to_float(scales[b]), half_to_float(mins[b]), w);
-    } else {
-      decode_q8(reinterpret_cast<const int8_t*>(codes) + b * 32, half_to_float(scales[b]), w);
-    }
-    for (int r = 0; r < R; ++r) {
-      const float* xr = x + r * ldx + b * kBlock;
-      for (int i = 0; i < 4; ++i) acc[r][i % A] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8 * i), w[i], acc[r][i % A]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    __m256 t = acc[r][0];
-    for (int a = 1; a < A; ++a) t = _mm256_add_ps(t, acc[r][a]);
-    y[r * ldy] = hsum(t);
-  }
-#else
   float acc[R] = {};
   float w[kBlock];
   for (int64_t b = 0; b < nb; ++b) {
@@ -116,25 +95,120 @@ inline void dot_rows(const float* x, int64_t ldx, int64_t K, const uint8_t* code
     }
   }
   for (int r = 0; r < R; ++r) y[r * ldy] = acc[r];
-#endif
 }
+
+#ifdef TM_AVX2
+// Activations for the integer dot products: each row's blocks of 32 as int16 with a per-block scale
+// (absmax / 32767, a relative step of 3e-5: far below the weights' own quantization step) and the exact
+// fp32 block sums that multiply the 4-bit offsets.
+struct QuantizedActivations {
+  std::vector<int16_t> q;  // [M, K]
+  std::vector<float> scale;  // [M, K / 32]
+  std::vector<float> sum;  // [M, K / 32]
+};
+
+QuantizedActivations quantize_activations(const float* x, int64_t M, int64_t K) {
+  const int64_t nb = K / kBlock;
+  QuantizedActivations a{std::vector<int16_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
+  for (int64_t i = 0; i < M * nb; ++i) {
+    const float* xb = x + i * kBlock;
+    float amax = 0.f, sum = 0.f;
+    for (int j = 0; j < kBlock; ++j) {
+      amax = std::max(amax, std::fabs(xb[j]));
+      sum += xb[j];
+    }
+    const float d = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
+    for (int j = 0; j < kBlock; ++j) a.q[i * kBlock + j] = static_cast<int16_t>(std::nearbyint(xb[j] * inv));
+    a.scale[i] = d;
+    a.sum[i] = sum;
+  }
+  return a;
+}
+
+// y[r, n] for R rows: per block, int16 weights x int16 activations summed exactly in int32 (madd), then
+// scaled in fp32. 4-bit codes are 0..15, so products and the 4 pair sums per lane stay far from overflow.
+// Block scales (weight scale x activation scale) and the 4-bit offsets' contribution (offset x block sum)
+// are computed 8 blocks at a time up front, so the inner loop is decode, two madds and one FMA.
+constexpr int64_t kMaxBlocks = 1024;  // K <= 32768
+
+inline void load_halfs(const uint16_t* h, int64_t n, float* out) {
+  int64_t b = 0;
+  for (; b + 8 <= n; b += 8)
+    _mm256_storeu_ps(out + b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + b))));
+  for (; b < n; ++b) out[b] = half_to_float(h[b]);
+}
+
+template <bool Q4, int R>
+inline void dot_rows_i16(const QuantizedActivations& a, int64_t r0, int64_t K, const uint8_t* codes,
+                         const uint16_t* scales, const uint16_t* mins, float* y, int64_t ldy) {
+  const int64_t nb = K / kBlock;
+  alignas(32) float ws[kMaxBlocks], wm[kMaxBlocks], cs[R][kMaxBlocks];
+  load_halfs(scales, nb, ws);
+  float offset[R] = {};
+  if constexpr (Q4) {
+    load_halfs(mins, nb, wm);
+    for (int r = 0; r < R; ++r) {
+      const float* xsum = a.sum.data() + (r0 + r) * nb;
+      for (int64_t b = 0; b < nb; ++b) offset[r] += wm[b] * xsum[b];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float* xs = a.scale.data() + (r0 + r) * nb;
+    for (int64_t b = 0; b < nb; ++b) cs[r][b] = ws[b] * xs[b];
+  }
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i w0, w1;
+    if constexpr (Q4) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * 16));
+      w0 = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
+      w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
+    } else {
+      const int8_t* qb = reinterpret_cast<const int8_t*>(codes) + b * 32;
+      w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb)));
+      w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + 16)));
+    }
+    for (int r = 0; r < R; ++r) {
+      const int16_t* xq = a.q.data() + ((r0 + r) * nb + b) * kBlock;
+      const __m256i p = _mm256_add_epi32(
+          _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
+          _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16))));
+      acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&cs[r][b]), acc[r][b & 1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + offset[r];
+}
+#endif
 
 template <bool Q4>
 void gemv_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
                const uint16_t* mins, int64_t N, float* y) {
   const int64_t row_bytes = Q4 ? K / 2 : K, nb = K / kBlock;
+#ifdef TM_AVX2
+  const QuantizedActivations a = quantize_activations(x, M, K);
+#endif
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* c = codes + n * row_bytes;
       const uint16_t* s = scales + n * nb;
       const uint16_t* m = Q4 ? mins + n * nb : nullptr;
-      int64_t r = 0;
-      for (; r + kTileRows <= M; r += kTileRows) dot_rows<Q4, 4>(x + r * K, K, K, c, s, m, y + r * N + n, N);
-      switch (M - r) {
-        case 3: dot_rows<Q4, 3>(x + r * K, K, K, c, s, m, y + r * N + n, N); break;
-        case 2: dot_rows<Q4, 2>(x + r * K, K, K, c, s, m, y + r * N + n, N); break;
-        case 1: dot_rows<Q4, 1>(x + r * K, K, K, c, s, m, y + r * N + n, N); break;
-        default: break;
+      // each weight block is decoded once per tile of up to 4 activation rows
+      for (int64_t r = 0; r < M; r += kTileRows) {
+        const int64_t R = std::min<int64_t>(kTileRows, M - r);
+#ifdef TM_AVX2
+#define TM_DOT(RR) dot_rows_i16<Q4, RR>(a, r, K, c, s, m, y + r * N + n, N)
+#else
+#define TM_DOT(RR) dot_rows<Q4, RR>(x + r * K, K, K, c, s, m, y + r * N + n, N)
+#endif
+        switch (R) {
+          case 4: TM_DOT(4); break;
+          case 3: TM_DOT(3); break;
+          case 2: TM_DOT(2); break;
+          default: TM_DOT(1); break;
+        }
+#undef TM_DOT
       }
     }
   });
@@ -174,7 +248,7 @@ void check_weight(const torch::Tensor& codes, const torch::Tensor& scales, const
   TORCH_CHECK(codes.device().is_cpu() && codes.is_contiguous() && codes.dim() == 2, "codes: contiguous 2-D CPU");
   TORCH_CHECK(codes.scalar_type() == (q4 ? at::kByte : at::kChar), q4 ? "q4 codes must be uint8" : "q8 codes must be int8");
   const int64_t K = q4 ? codes.size(1) * 2 : codes.size(1);
-  TORCH_CHECK(K % kBlock == 0, "input features must be a multiple of 32");
+  TORCH_CHECK(K % kBlock == 0 && K <= 32768, "input features must be a multiple of 32, at most 32768");
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "scales must be contiguous fp16");
   TORCH_CHECK(scales.size(0) == codes.size(0) && scales.size(1) == K / kBlock, "scales shape mismatch");
   if (mins != nullptr) {
