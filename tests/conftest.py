@@ -14,6 +14,25 @@ from safetensors.torch import save_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def pytest_configure(config) -> None:
+    """Converted-weight cache entries of this run go to a private folder (inherited by servers the tests
+    start), not the user's ~/.cache/tokenmill."""
+    if "TOKENMILL_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["TOKENMILL_CACHE_DIR"] = tempfile.mkdtemp(prefix="tokenmill-test-cache-")
+        config._tokenmill_cache = os.environ["TOKENMILL_CACHE_DIR"]
+
+
+def pytest_unconfigure(config) -> None:
+    folder = getattr(config, "_tokenmill_cache", None)
+    if folder is not None:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 TINY_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -105,7 +124,7 @@ def tiny_model_dir(tmp_path_factory, real_tokenizer) -> Path:
 def real_llm():
     from tokenmill import LLM
 
-    return LLM(dtype="float32")
+    return LLM(dtype="float32", weights="dense")  # the exact fp32 path; formats are tested in test_quant
 
 
 @pytest.fixture(scope="session")
