@@ -26,6 +26,7 @@ namespace {
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kTileRows = 4;  // activation rows sharing one decode of a weight block
+constexpr int64_t kWideRows = 4;  // weight rows sharing one activation load (single-row decode)
 
 inline float half_to_float(uint16_t h) {
 #ifdef TM_AVX2
@@ -180,6 +181,50 @@ inline void dot_rows_i16(const QuantizedActivations& a, int64_t r0, int64_t K, c
   }
   for (int r = 0; r < R; ++r) y[r * ldy] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + offset[r];
 }
+
+// One activation row (single-sequence decode) against two weight rows at a time: the activation block is
+// loaded once for both, and the two rows' FMA chains are independent.
+template <bool Q4>
+inline __m256i decode_i16(const uint8_t* codes, int64_t b, int half) {
+  if constexpr (Q4) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * 16));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    return _mm256_cvtepu8_epi16(half == 0 ? _mm_and_si128(v, mask) : _mm_and_si128(_mm_srli_epi16(v, 4), mask));
+  } else {
+    return _mm256_cvtepi8_epi16(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const int8_t*>(codes) + b * 32 + 16 * half)));
+  }
+}
+
+template <bool Q4, int W>
+inline void dot_wide_i16(const QuantizedActivations& a, int64_t K, const uint8_t* codes, int64_t row_bytes,
+                         const uint16_t* scales, const uint16_t* mins, float* y) {
+  const int64_t nb = K / kBlock;
+  alignas(32) float cs[W][kMaxBlocks], tmp[kMaxBlocks];
+  float off[W] = {};
+  for (int w = 0; w < W; ++w) {
+    load_halfs(scales + w * nb, nb, cs[w]);
+    for (int64_t b = 0; b < nb; ++b) cs[w][b] *= a.scale[b];
+    if constexpr (Q4) {
+      load_halfs(mins + w * nb, nb, tmp);
+      for (int64_t b = 0; b < nb; ++b) off[w] += tmp[b] * a.sum[b];
+    }
+  }
+  __m256 acc[W][2];
+  for (int w = 0; w < W; ++w) acc[w][0] = acc[w][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int16_t* xq = a.q.data() + b * kBlock;
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16));
+    for (int w = 0; w < W; ++w) {
+      const uint8_t* c = codes + w * row_bytes;
+      const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(decode_i16<Q4>(c, b, 0), x0),
+                                         _mm256_madd_epi16(decode_i16<Q4>(c, b, 1), x1));
+      acc[w][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&cs[w][b]), acc[w][b & 1]);
+    }
+  }
+  for (int w = 0; w < W; ++w) y[w] = hsum(_mm256_add_ps(acc[w][0], acc[w][1])) + off[w];
+}
 #endif
 
 template <bool Q4>
@@ -190,7 +235,15 @@ void gemv_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const
   const QuantizedActivations a = quantize_activations(x, M, K);
 #endif
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
+    int64_t n = n0;
+#ifdef TM_AVX2
+    if (Q4 && M == 1) {  // (8-bit rows are bandwidth-bound already: one row at a time streams best)
+      for (; n + kWideRows <= n1; n += kWideRows)
+        dot_wide_i16<Q4, kWideRows>(a, K, codes + n * row_bytes, row_bytes, scales + n * nb,
+                                    Q4 ? mins + n * nb : nullptr, y + n);
+    }
+#endif
+    for (; n < n1; ++n) {
       const uint8_t* c = codes + n * row_bytes;
       const uint16_t* s = scales + n * nb;
       const uint16_t* m = Q4 ? mins + n * nb : nullptr;
