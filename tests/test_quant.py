@@ -62,7 +62,9 @@ def test_gguf_blocks_repack_without_loss(qtype):
     packed = pack_gguf(raw, qtype, rows, cols)
     assert packed.format == ("q8" if qtype == Q.Q8_0 else "q4")
     if qtype == Q.Q4_K:  # sub-block scales are d * 6-bit ints, stored in fp16: a rounding, nothing more
-        torch.testing.assert_close(dequantize(packed), expected, rtol=0, atol=5e-4 * expected.abs().max().item())
+        torch.testing.assert_close(
+            dequantize(packed), expected, rtol=0, atol=5e-4 * expected.abs().max().item()
+        )
     else:
         assert torch.equal(dequantize(packed), expected)
 
