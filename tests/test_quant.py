@@ -249,10 +249,11 @@ def test_unwritable_cache_still_loads(tiny_gguf, tmp_path):
 @pytest.mark.integration
 def test_real_model_format_quality():
     """The default format keeps >= 99% teacher-forced top-1 agreement with fp32 and perplexity within 1%;
-    every int8 format stays within 2% perplexity. 2048 tokens of pydoc_data.topics."""
+    every int8 format stays within 2% perplexity. 2048 tokens of pydoc_data.topics, one token per forward
+    (the decode kernels, whose activations are rounded to int16)."""
     from tokenmill.bench.quality import evaluate_formats, format_table
 
-    results = {r.weights: r for r in evaluate_formats(None, ["auto", "q8"], 2048)}
+    results = {r.weights: r for r in evaluate_formats(None, ["auto", "q8"], 2048, chunk=1)}
     print(format_table(list(results.values()), 2048))
     assert results["dense"].top1_agreement == 1.0
     assert results["auto"].top1_agreement >= 0.99

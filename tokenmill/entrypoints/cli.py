@@ -210,8 +210,8 @@ def cmd_eval_quality(args: argparse.Namespace) -> int:
     from tokenmill.bench.quality import evaluate_formats, format_table, to_json
 
     formats = [f.strip() for f in args.weights.split(",") if f.strip()]
-    results = evaluate_formats(args.model, formats, args.num_tokens)
-    print(format_table(results, args.num_tokens))
+    results = evaluate_formats(args.model, formats, args.num_tokens, args.chunk)
+    print(format_table(results, args.num_tokens, args.chunk))
     if args.output_json:
         with open(args.output_json, "w") as f:
             f.write(to_json(results))
@@ -282,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", default="auto,q8,q4", help="formats to score, comma-separated (default: auto,q8,q4)"
     )
     p.add_argument("--num-tokens", type=int, default=2048, help="tokens of text to score (default: 2048)")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=1,
+        help="tokens per forward for the formats: 1 scores the decode kernels, 256 the prompt path (default: 1)",
+    )
     p.add_argument("--output-json", default=None, help="also write the results as JSON to this file")
     p.set_defaults(func=cmd_eval_quality)
 
