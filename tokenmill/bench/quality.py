@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from tokenmill.layers.attention import AttentionMetadata, PrefillSpan
+from tokenmill.layers.quantization import PackedWeight
 from tokenmill.models.llama import LlamaModel
 from tokenmill.models.registry import load_model
 from tokenmill.models.source import resolve_model
@@ -97,7 +98,7 @@ def weight_bytes(model: LlamaModel) -> int:
                 continue
             seen.add(id(part))
             w = part.weight
-            total += w.nbytes() if hasattr(w, "format") else w.numel() * w.element_size()
+            total += w.nbytes() if isinstance(w, PackedWeight) else w.numel() * w.element_size()
     return total
 
 
