@@ -1,66 +1,151 @@
-"""Attention backends: the C++ paged decode kernel and the torch path agree with plain attention."""
+"""Attention backends: the C++ paged kernel and the torch reference agree with plain attention, over ragged
+rows of one or several queries; partial attentions merge exactly through their log-sum-exp."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.layers.attention import AttentionMetadata, TorchAttention
+from tokenmill.layers.attention import (
+    AttentionRow,
+    PagedAttention,
+    build_attention_metadata,
+    merge_attention,
+    sdpa_with_lse,
+)
 from tokenmill.layers.cpu_kernels import load_cpu_kernels
 
 
-def reference_decode(q, k_cache, v_cache, tables, lens, group):
-    outs = []
-    for i in range(q.shape[0]):
-        n = int(lens[i])
-        k = k_cache[tables[i]].transpose(0, 1).flatten(1, 2)[:, :n].repeat_interleave(group, 0)
-        v = v_cache[tables[i]].transpose(0, 1).flatten(1, 2)[:, :n].repeat_interleave(group, 0)
-        outs.append(F.scaled_dot_product_attention(q[i].unsqueeze(1), k, v).squeeze(1))
-    return torch.stack(outs)
+def reference_rows(q, k_cache, v_cache, tables, seq_lens, qsl, group, scale):
+    """Plain causal attention, one query at a time: query j of a row sees keys [0, seq_len - n + j]."""
+    outs, lses = [], []
+    for b in range(len(seq_lens)):
+        s, e = int(qsl[b]), int(qsl[b + 1])
+        n, length = e - s, int(seq_lens[b])
+        k = k_cache[tables[b]].transpose(0, 1).flatten(1, 2)[:, :length].repeat_interleave(group, 0)
+        v = v_cache[tables[b]].transpose(0, 1).flatten(1, 2)[:, :length].repeat_interleave(group, 0)
+        for j in range(n):
+            vis = length - n + j + 1
+            scores = (q[s + j].unsqueeze(1) @ k[:, :vis].transpose(1, 2)).squeeze(1) * scale  # [H, vis]
+            lse = torch.logsumexp(scores, -1)
+            outs.append((torch.softmax(scores, -1).unsqueeze(1) @ v[:, :vis]).squeeze(1))
+            lses.append(lse)
+    return torch.stack(outs), torch.stack(lses)
 
 
 @pytest.fixture
-def decode_case():
+def rows_case():
     g = torch.Generator().manual_seed(0)
-    num_blocks, bs, hkv, group, d, b = 40, 16, 2, 3, 32, 5
+    num_blocks, bs, hkv, group, d = 40, 16, 2, 3, 32
     k_cache = torch.randn(num_blocks, hkv, bs, d, generator=g)  # the cache layout: heads, then tokens
     v_cache = torch.randn(num_blocks, hkv, bs, d, generator=g)
-    lens = torch.tensor([1, 16, 17, 70, 33])
-    tables = torch.randperm(num_blocks, generator=g)[: b * 5].view(b, 5)
-    q = torch.randn(b, hkv * group, d, generator=g)
-    return q, k_cache, v_cache, tables, lens, group
+    seq_lens = torch.tensor([1, 16, 17, 70, 33])
+    query_lens = torch.tensor([1, 4, 1, 5, 16])  # decodes and multi-query (verification) rows
+    qsl = torch.cat([torch.zeros(1, dtype=torch.long), query_lens.cumsum(0)])
+    tables = torch.randperm(num_blocks, generator=g)[:25].view(5, 5)  # scattered, non-consecutive blocks
+    q = torch.randn(int(qsl[-1]), hkv * group, d, generator=g)
+    return q, k_cache, v_cache, tables, seq_lens, qsl, group
 
 
-def test_cpu_kernel_builds_and_matches_reference(decode_case):
+def test_cpu_kernel_matches_reference_with_lse(rows_case):
     kernels = load_cpu_kernels()
-    assert kernels is not None, "the C++ decode kernel failed to build"
-    q, k_cache, v_cache, tables, lens, group = decode_case
-    out = kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, q.shape[-1] ** -0.5)
-    torch.testing.assert_close(
-        out, reference_decode(q, k_cache, v_cache, tables, lens, group), atol=1e-5, rtol=1e-5
+    assert kernels is not None, "the C++ attention kernel failed to build"
+    q, k_cache, v_cache, tables, seq_lens, qsl, group = rows_case
+    scale = q.shape[-1] ** -0.5
+    out, lse = kernels.paged_attention(q, k_cache, v_cache, tables, seq_lens, qsl, scale, True)
+    ref_out, ref_lse = reference_rows(q, k_cache, v_cache, tables, seq_lens, qsl, group, scale)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_paged_path_matches_reference(rows_case):
+    q, k_cache, v_cache, tables, seq_lens, qsl, group = rows_case
+    h, d = q.shape[1], q.shape[2]
+    attn = PagedAttention(h, h // group, d, kernel=None)
+    out, lse = attn.paged(q, k_cache, v_cache, tables, seq_lens, qsl, return_lse=True)
+    ref_out, ref_lse = reference_rows(q, k_cache, v_cache, tables, seq_lens, qsl, group, d**-0.5)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_partial_attention_equals_attention_over_both():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 7, 16, generator=g)
+    k = torch.randn(1, 4, 50, 16, generator=g)
+    v = torch.randn(1, 4, 50, 16, generator=g)
+    full, full_lse = sdpa_with_lse(q, k, v, causal=False, scale=0.25)
+    a, a_lse = sdpa_with_lse(q, k[:, :, :20], v[:, :, :20], causal=False, scale=0.25)
+    b, b_lse = sdpa_with_lse(q, k[:, :, 20:], v[:, :, 20:], causal=False, scale=0.25)
+    # merge works on [..., H, D] / [..., H]: move heads next to last
+    out, lse = merge_attention(
+        a.transpose(1, 2), a_lse.transpose(1, 2), b.transpose(1, 2), b_lse.transpose(1, 2)
     )
-
-
-def test_torch_decode_path_matches_reference(decode_case):
-    q, k_cache, v_cache, tables, lens, group = decode_case
-    b, h, d = q.shape
-    attn = TorchAttention(h, h // group, d, decode_kernel=None)
-    empty = torch.empty(0, dtype=torch.long)
-    meta = AttentionMetadata(empty, empty, b, tables, lens, [])
-    out = attn._decode(q, k_cache, v_cache, meta)
-    torch.testing.assert_close(
-        out, reference_decode(q, k_cache, v_cache, tables, lens, group), atol=1e-5, rtol=1e-5
+    torch.testing.assert_close(out, full.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, full_lse.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    # an empty part (lse = -inf) leaves the other unchanged
+    empty_lse = torch.full_like(a_lse, float("-inf"))
+    out, lse = merge_attention(
+        a.transpose(1, 2),
+        a_lse.transpose(1, 2),
+        torch.zeros_like(a).transpose(1, 2),
+        empty_lse.transpose(1, 2),
     )
+    torch.testing.assert_close(out, a.transpose(1, 2))
 
 
-def test_engine_outputs_equal_with_and_without_kernel(tiny_model_dir):
+@pytest.mark.parametrize("kernel", [False, True])
+def test_long_chunk_over_cached_prefix_matches_reference(kernel):
+    """A prompt chunk of 40 queries after 30 cached slots (SDPA over the prefix, causal over itself, merged)."""
+    g = torch.Generator().manual_seed(2)
+    bs, hkv, group, d = 16, 2, 3, 32
+    k_cache = torch.randn(10, hkv, bs, d, generator=g)
+    v_cache = torch.randn(10, hkv, bs, d, generator=g)
+    table = [7, 2, 9, 4, 5]
+    n, cached = 40, 30
+    meta = build_attention_metadata([AttentionRow(n, cached + n, table)], bs, torch.device("cpu"))
+    assert meta.num_paged_rows == 0  # a long chunk: the SDPA path
+    q = torch.randn(n, hkv * group, d, generator=g)
+    slots = meta.slot_mapping  # the chunk's own keys, as the model would have written them
+    k_new = k_cache[slots // bs, :, slots % bs]
+    v_new = v_cache[slots // bs, :, slots % bs]
+    attn = PagedAttention(hkv * group, hkv, d, kernel=load_cpu_kernels().paged_attention if kernel else None)
+    out, lse = attn(q, k_new, v_new, k_cache, v_cache, meta, return_lse=True)
+    qsl = torch.tensor([0, n])
+    ref_out, ref_lse = reference_rows(
+        q, k_cache, v_cache, torch.tensor([table]), torch.tensor([cached + n]), qsl, group, d**-0.5
+    )
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_metadata_slots_come_from_held_slots_not_positions():
+    """A row's new tokens go after the slots it holds, through its block table."""
+    meta = build_attention_metadata(
+        [AttentionRow(1, 5, [3]), AttentionRow(3, 18, [8, 1])], block_size=16, device=torch.device("cpu")
+    )
+    assert meta.slot_mapping.tolist() == [3 * 16 + 4, 8 * 16 + 15, 1 * 16 + 0, 1 * 16 + 1]
+    assert meta.query_start_loc.tolist() == [0, 1, 4]
+    assert meta.num_paged_rows == 2
+
+
+def test_engine_outputs_equal_with_torch_and_cpp_kernels(tiny_model_dir):
+    """Kernel choice by config, both in one process: same greedy tokens."""
     prompts = [{"prompt_token_ids": list(range(50, 50 + n))} for n in (3, 40, 90)]
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    llm = LLM(str(tiny_model_dir), kv_cache_memory="32MiB")
-    assert llm.engine.runner.model.attention.decode_kernel is not None
-    with_kernel = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    llm.engine.runner.model.attention.decode_kernel = None
-    without = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    cpp = LLM(str(tiny_model_dir), kv_cache_memory="32MiB", kernels="cpp")
+    torch_ = LLM(str(tiny_model_dir), kv_cache_memory="32MiB", kernels="torch")
+    assert cpp.engine.runner.model.ops.name == "cpp" and cpp.engine.runner.model.attention.kernel is not None
+    assert (
+        torch_.engine.runner.model.ops.name == "torch" and torch_.engine.runner.model.attention.kernel is None
+    )
+    with_kernel = [o.token_ids for o in cpp.generate(prompts, params, use_tqdm=False)]
+    without = [o.token_ids for o in torch_.generate(prompts, params, use_tqdm=False)]
     assert with_kernel == without
+
+
+def test_bad_kernel_choice_is_a_clear_error():
+    from tokenmill.config import EngineConfig
+
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        EngineConfig(kernels="fast")

@@ -89,6 +89,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds generators of requests that give no seed
     threads: int | None = None  # CPU threads for torch and the kernels; None: the physical cores
+    kernels: str = "auto"  # auto | torch | cpp: which ops run the model (layers/ops.py)
+    slo_tpot: float | None = None  # seconds per output token to keep steps within (engine/step_budget.py)
 
     def __post_init__(self) -> None:
         self.torch_dtype = parse_dtype(self.dtype)
@@ -102,5 +104,9 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+        if self.slo_tpot is not None and not (isinstance(self.slo_tpot, (int, float)) and self.slo_tpot > 0):
+            raise ValueError(f"slo_tpot must be a positive number of seconds, got {self.slo_tpot!r}")
+        if self.kernels not in ("auto", "torch", "cpp"):
+            raise ValueError(f"kernels must be one of auto, torch, cpp, got {self.kernels!r}")
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")

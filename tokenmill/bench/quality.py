@@ -15,7 +15,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tokenmill.layers.attention import AttentionMetadata, PrefillSpan
+from tokenmill.engine.model_runner import ModelRunner
+from tokenmill.engine.scheduler import ScheduledBatch, ScheduledSeq
+from tokenmill.engine.sequence import Sequence
+from tokenmill.kv.cache import KVCache, KVCacheSpec
 from tokenmill.layers.quantization import PackedWeight
 from tokenmill.models.llama import LlamaModel
 from tokenmill.models.registry import load_model
@@ -40,39 +43,28 @@ class TeacherForced:
 
 @torch.inference_mode()
 def teacher_forced(model: LlamaModel, ids: list[int], chunk: int = 256) -> TeacherForced:
-    """Run `ids` through the model in prompt chunks over a private paged KV cache of one sequence."""
+    """Run `ids` through the engine's model runner as one sequence, `chunk` query tokens per step, over a
+    private paged KV cache sized for it; logits of every query token are kept."""
     c = model.config
     n_tokens = len(ids)
+    spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, BLOCK, model.dtype)
     num_blocks = -(-n_tokens // BLOCK)
-    kv = torch.zeros(
-        (c.num_layers, 2, num_blocks, c.num_kv_heads, BLOCK, c.head_dim),
-        dtype=model.dtype,
-        device=model.device,
+    runner = ModelRunner(
+        model, KVCache(spec, num_blocks, model.device, zero=model.kernels is None), sampler=None
     )
-    kv_caches = [(kv[i, 0], kv[i, 1]) for i in range(c.num_layers)]
-    tokens = torch.tensor(ids, dtype=torch.long, device=model.device)
-    table = torch.arange(num_blocks, device=model.device)
+    seq = Sequence(0, None, 0, [], None, None, max_tokens=0, block_table=list(range(num_blocks)))
+    tokens = torch.tensor(ids, dtype=torch.long)
     nll, top1 = [], []
     for start in range(0, n_tokens - 1, chunk):
         n = min(chunk, n_tokens - 1 - start)  # the last token is only ever a target
-        positions = torch.arange(start, start + n, device=model.device)
-        ctx = start + n
-        mask = None
-        if start:
-            mask = torch.ones(n, ctx, dtype=torch.bool, device=model.device).tril(diagonal=start)
-        meta = AttentionMetadata(
-            slot_blocks=positions // BLOCK,
-            slot_offsets=positions % BLOCK,
-            num_decode_tokens=0,
-            decode_block_tables=torch.empty((0, 0), dtype=torch.long, device=model.device),
-            decode_context_lens=torch.empty(0, dtype=torch.long, device=model.device),
-            prefills=[PrefillSpan(0, n, ctx, table[: -(-ctx // BLOCK)], mask)],
-        )
-        logits = model.forward(tokens[start:ctx], positions, meta, kv_caches, torch.arange(n)).float()
-        targets = tokens[start + 1 : ctx + 1]
+        seq.token_ids = ids[: start + n]
+        seq.num_computed_tokens = start
+        step = runner.execute(ScheduledBatch([ScheduledSeq(seq, n, extra_logits=n - 1)]))
+        logits = step.logits.float().cpu()
+        targets = tokens[start + 1 : start + n + 1]
         nll.append(-torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1))
         top1.append(logits.argmax(dim=-1))
-    return TeacherForced(torch.cat(nll).cpu(), torch.cat(top1).cpu())
+    return TeacherForced(torch.cat(nll), torch.cat(top1))
 
 
 @dataclass

@@ -65,13 +65,8 @@ class BlockManager:
     # ---- allocation ----------------------------------------------------------------------------
     def _pop_free(self) -> int:
         block_id, _ = self.free_ids.popitem(last=False)
-        block = self.blocks[block_id]
-        if block.hash is not None:  # evict it from the prefix cache
-            if self.cached.get(block.hash) == block_id:
-                del self.cached[block.hash]
-            block.hash = None
-            block.token_ids = None
-        block.ref_count = 1
+        self._unhash(block_id)  # evict it from the prefix cache
+        self.blocks[block_id].ref_count = 1
         return block_id
 
     def _take(self, block_id: int) -> None:
@@ -120,8 +115,8 @@ class BlockManager:
         self.stats.hits += seq.num_computed_tokens
 
     def needed_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
-        """Free blocks needed to write tokens [num_computed, num_computed + num_new_tokens)."""
-        total = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
+        """Free blocks needed to write the next num_new_tokens tokens after the slots seq holds."""
+        total = self.blocks_for(seq.num_kv_slots + num_new_tokens)
         needed = max(0, total - len(seq.block_table))
         if self._shared_write_block(seq) is not None:
             needed += 1  # copy-on-write of a shared, partly filled block
@@ -129,7 +124,7 @@ class BlockManager:
 
     def _shared_write_block(self, seq: Sequence) -> int | None:
         """Index in the table of the first block written next, if another sequence shares it."""
-        idx = seq.num_computed_tokens // self.block_size
+        idx = seq.num_kv_slots // self.block_size
         if idx < len(seq.block_table) and self.blocks[seq.block_table[idx]].ref_count > 1:
             return idx
         return None
@@ -147,7 +142,7 @@ class BlockManager:
             self._release(src)
             seq.block_table[idx] = dst
             copies.append((src, dst))
-        total = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
+        total = self.blocks_for(seq.num_kv_slots + num_new_tokens)
         while len(seq.block_table) < total:
             seq.block_table.append(self._pop_free())
         return copies
@@ -162,6 +157,37 @@ class BlockManager:
         child.block_hashes = parent.block_hashes[: num_tokens // self.block_size]
         child.num_computed_tokens = num_tokens
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Roll back seq's last num_tokens tokens (rejected speculative tokens): they leave token_ids, the
+        computed ones give back their slots, blocks left empty are freed, and a block that is no longer full
+        of kept tokens loses its prefix hash, so the cache never serves the rolled-back tokens."""
+        if num_tokens <= 0:
+            return
+        if num_tokens > seq.num_output_tokens:
+            raise ValueError(
+                f"cannot roll back {num_tokens} tokens: only {seq.num_output_tokens} were generated"
+            )
+        del seq.token_ids[-num_tokens:]
+        uncomputed = max(0, seq.num_computed_tokens - seq.num_tokens)
+        seq.num_computed_tokens -= uncomputed
+        keep_blocks = self.blocks_for(seq.num_kv_slots)
+        for block_id in reversed(seq.block_table[keep_blocks:]):
+            self._unhash(block_id)
+            self._release(block_id)
+        del seq.block_table[keep_blocks:]
+        full = seq.num_kv_slots // self.block_size
+        for block_id in seq.block_table[full:]:
+            self._unhash(block_id)
+        del seq.block_hashes[full:]
+
+    def _unhash(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.hash is not None:
+            if self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash = None
+            block.token_ids = None
+
     def free(self, seq: Sequence) -> None:
         """Drop seq's references, tail first, so a prefix's tail is evicted before its head."""
         for block_id in reversed(seq.block_table):
@@ -171,7 +197,7 @@ class BlockManager:
 
     def commit(self, seq: Sequence) -> None:
         """Register the blocks that became full of computed tokens in the prefix cache."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.num_dropped_slots:  # a compressed cache is no prefix
             return
         bs = self.block_size
         full = min(seq.num_computed_tokens // bs, len(seq.block_table))

@@ -15,6 +15,8 @@ from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Request, Sequence, SequenceStatus
+from tokenmill.engine.step_budget import StepBudget
+from tokenmill.kv.cache import KVCache, KVCacheSpec
 from tokenmill.layers.sampler import Sampler, SampleResult
 from tokenmill.models.registry import load_model
 from tokenmill.models.source import resolve_model
@@ -34,32 +36,34 @@ class LLMEngine:
             torch.set_num_threads(config.threads or physical_cores())
         self.source = resolve_model(config.model)
         loaded = load_model(
-            self.source, config.torch_device, config.torch_dtype, config.max_model_len, config.weights
+            self.source,
+            config.torch_device,
+            config.torch_dtype,
+            config.max_model_len,
+            config.weights,
+            kernels=config.kernels,
         )
         self.model_config = loaded.config
         self.tokenizer: Tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len
-        element_size = torch.empty((), dtype=config.torch_dtype).element_size()
-        self.kv_bytes_per_token = self.model_config.kv_bytes_per_token(element_size)
-        num_blocks = config.kv_cache_memory // (self.kv_bytes_per_token * config.block_size)
+        c = self.model_config
+        spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, config.block_size, config.torch_dtype)
+        self.kv_bytes_per_token = spec.bytes_per_token
+        num_blocks = spec.blocks_for_memory(config.kv_cache_memory)
         if num_blocks < 1:
             raise ValueError(
                 f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of {config.block_size} tokens "
-                f"({self.kv_bytes_per_token * config.block_size} bytes each)"
+                f"({spec.bytes_per_block} bytes each)"
             )
         self.block_manager = BlockManager(
-            num_blocks, config.block_size, config.enable_prefix_caching, extra_key=str(config.torch_dtype)
+            num_blocks, config.block_size, config.enable_prefix_caching, extra_key=spec.format
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
-        self.runner = ModelRunner(
-            loaded.model,
-            self.model_config,
-            num_blocks,
-            config.block_size,
-            config.torch_device,
-            config.torch_dtype,
-            Sampler(self.tokenizer.eos_token_ids),
-        )
+        self.step_budget = StepBudget(config.max_num_batched_tokens, config.slo_tpot)
+        # The C++ attention kernel reads only written slots, so its cache may start uninitialized (no
+        # multi-GiB memset at start-up); the torch path attends over whole blocks under a mask and needs zeros.
+        kv_cache = KVCache(spec, num_blocks, config.torch_device, zero=loaded.model.kernels is None)
+        self.runner = ModelRunner(loaded.model, kv_cache, Sampler(self.tokenizer.eos_token_ids))
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
@@ -175,10 +179,12 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass, and return outputs of the requests that advanced."""
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule(self.step_budget.budget(len(self.scheduler.running)))
         if not batch:
             return []
+        started = time.perf_counter()
         results = self.runner.run(batch)
+        self.step_budget.observe(batch.num_tokens, time.perf_counter() - started)
         now = time.time()
         touched: dict[str, Request] = {}
         for scheduled in batch.seqs:

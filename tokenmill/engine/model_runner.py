@@ -1,112 +1,77 @@
-"""Owns the KV cache; turns a ScheduledBatch into flat tensors, runs the model, samples."""
+"""Turns a ScheduledBatch into the step's flat tensors, runs the model over the KV cache, samples.
+
+The batch is one ragged sequence of tokens, rows with few queries (decodes, verification rows) first so the
+attention backend handles them in one kernel call. A row's new tokens take the next slots of its block
+table after the slots it already holds, whatever their positions: positions (for rotary) and slots travel
+separately, so a sequence whose cache was compacted by eviction holds fewer slots than it has seen tokens.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from tokenmill.engine.scheduler import ScheduledBatch, ScheduledSeq
-from tokenmill.layers.attention import AttentionMetadata, PrefillSpan
+from tokenmill.kv.cache import KVCache
+from tokenmill.layers.attention import MAX_PAGED_QUERY_LEN, AttentionRow, build_attention_metadata
 from tokenmill.layers.sampler import Sampler, SampleResult
 from tokenmill.models.llama import LlamaModel
-from tokenmill.models.model_config import ModelConfig
+
+
+@dataclass
+class StepLogits:
+    """Logits of the rows a step asked for: `rows[i]` says which sequence and which of its query tokens."""
+
+    logits: torch.Tensor  # [R, vocab] fp32
+    rows: list[tuple[ScheduledSeq, int]]  # (scheduled sequence, index of the query token within its row)
 
 
 class ModelRunner:
-    def __init__(
-        self,
-        model: LlamaModel,
-        config: ModelConfig,
-        num_blocks: int,
-        block_size: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        sampler: Sampler,
-    ):
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, sampler: Sampler):
         self.model = model
-        self.block_size = block_size
-        self.device = device
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        self.device = kv_cache.device
         self.sampler = sampler
-        shape = (config.num_layers, 2, num_blocks, config.num_kv_heads, block_size, config.head_dim)
-        # The C++ decode kernel reads only slots that were written, so the cache can start uninitialized
-        # (no 2 GiB memset at start-up; pages are committed as they fill). The torch path attends over
-        # whole blocks under a mask, and NaN garbage would leak through it: zero the cache for that path.
-        reads_only_written = getattr(model.attention, "decode_kernel", None) is not None
-        self.kv_cache = (torch.empty if reads_only_written else torch.zeros)(
-            shape, dtype=dtype, device=device
-        )
-        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(config.num_layers)]
 
     def run(self, batch: ScheduledBatch) -> dict[int, SampleResult]:
-        """One forward pass over the batch. Returns sampled tokens keyed by seq_id."""
-        for src, dst in batch.copies:  # copy-on-write before anything writes into dst
-            self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
-        decodes = [s for s in batch.seqs if s.num_new_tokens == 1]
-        prefills = [s for s in batch.seqs if s.num_new_tokens > 1]
-        ordered = decodes + prefills
-        input_ids, positions, meta = self._prepare(decodes, prefills)
-        sampling = [(row, s) for row, s in self._last_token_rows(ordered) if s.samples]
-        logits_rows = torch.tensor([row for row, _ in sampling], dtype=torch.long, device=self.device)
-        seqs = [s.seq for _, s in sampling]
-        logits = self.model.forward(input_ids, positions, meta, self.kv_caches, logits_rows)
+        """One forward pass over the batch; the next token of every sequence whose last known token was
+        computed. Returns sampled tokens keyed by seq_id."""
+        step = self.execute(batch)
+        last = [i for i, (s, j) in enumerate(step.rows) if j == s.num_new_tokens - 1]
+        seqs = [step.rows[i][0].seq for i in last]
+        logits = step.logits if len(last) == len(step.rows) else step.logits[last]
         results = self.sampler(logits, seqs) if seqs else []
         return {seq.seq_id: r for seq, r in zip(seqs, results, strict=True)}
 
-    @staticmethod
-    def _last_token_rows(ordered: list[ScheduledSeq]):
-        """Yield (row of each sequence's last query token, scheduled seq)."""
-        end = 0
-        for s in ordered:
-            end += s.num_new_tokens
-            yield end - 1, s
-
-    def _prepare(
-        self, decodes: list[ScheduledSeq], prefills: list[ScheduledSeq]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        bs, dev = self.block_size, self.device
+    def execute(self, batch: ScheduledBatch, layers: list[int] | None = None) -> StepLogits:
+        """The forward pass alone: logits of each sequence's last `num_logits` query tokens, for the
+        sequences that sample (or ask for more rows, as speculative verification does)."""
+        self.kv_cache.copy_blocks(batch.copies)  # copy-on-write before anything writes into dst
+        ordered = sorted(batch.seqs, key=lambda s: s.num_new_tokens > MAX_PAGED_QUERY_LEN)  # stable
         ids: list[int] = []
         pos: list[int] = []
-        slot_blocks: list[int] = []
-        for s in decodes:
-            seq = s.seq
-            p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            slot_blocks.append(seq.block_table[p // bs])
-        max_blocks = max((len(s.seq.block_table) for s in decodes), default=0)
-        tables = [s.seq.block_table + [0] * (max_blocks - len(s.seq.block_table)) for s in decodes]
-        context_lens = [s.seq.num_computed_tokens + 1 for s in decodes]
-
-        spans: list[PrefillSpan] = []
-        start = len(decodes)
-        for s in prefills:
-            seq = s.seq
-            p0, n = seq.num_computed_tokens, s.num_new_tokens
+        rows: list[AttentionRow] = []
+        wanted: list[tuple[ScheduledSeq, int]] = []
+        logits_rows: list[int] = []
+        for s in ordered:
+            seq, n = s.seq, s.num_new_tokens
+            p0, start = seq.num_computed_tokens, len(ids)
             ids.extend(seq.token_ids[p0 : p0 + n])
-            positions = range(p0, p0 + n)
-            pos.extend(positions)
-            table = seq.block_table
-            slot_blocks.extend(table[p // bs] for p in positions)
-            ctx = p0 + n
-            mask = None
-            if p0 > 0:  # queries also see the cached prefix: causal mask shifted by p0
-                mask = torch.ones(n, ctx, dtype=torch.bool, device=dev).tril(diagonal=p0)
-            used = table[: -(-ctx // bs)]
-            spans.append(PrefillSpan(start, n, ctx, torch.tensor(used, dtype=torch.long, device=dev), mask))
-            start += n
-
-        positions_t = torch.tensor(pos, dtype=torch.long, device=dev)
-        meta = AttentionMetadata(
-            slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=dev),
-            slot_offsets=positions_t % bs,
-            num_decode_tokens=len(decodes),
-            decode_block_tables=torch.tensor(tables, dtype=torch.long, device=dev).view(
-                len(decodes), max_blocks
-            ),
-            decode_context_lens=torch.tensor(context_lens, dtype=torch.long, device=dev),
-            prefills=spans,
-        )
-        return (
+            pos.extend(range(p0, p0 + n))
+            rows.append(AttentionRow(n, seq.num_kv_slots + n, seq.block_table))
+            for j in range(n - s.num_logits, n):
+                wanted.append((s, j))
+                logits_rows.append(start + j)
+        dev = self.device
+        meta = build_attention_metadata(rows, self.block_size, dev)
+        logits = self.model.forward(
             torch.tensor(ids, dtype=torch.long, device=dev),
-            positions_t,
+            torch.tensor(pos, dtype=torch.long, device=dev),
             meta,
+            self.kv_cache,
+            torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            layers,
         )
+        return StepLogits(logits, wanted)

@@ -20,11 +20,17 @@ from tokenmill.engine.sequence import Sequence, SequenceStatus
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # query tokens: token_ids[num_computed : num_computed + num_new_tokens]
+    extra_logits: int = 0  # logits wanted for this many query tokens before the last (verification rows)
 
     @property
     def samples(self) -> bool:
         """True when this step computes the sequence's last known token, so the next one is sampled."""
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+    @property
+    def num_logits(self) -> int:
+        """How many of the last query tokens need logits: none while a prompt is still being chunked."""
+        return min(self.num_new_tokens, 1 + self.extra_logits) if self.samples else 0
 
 
 @dataclass
@@ -67,16 +73,17 @@ class Scheduler:
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_dropped_slots = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
         self.num_preemptions += 1
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, budget: int | None = None) -> ScheduledBatch:
+        """The next step's work under `budget` tokens (default and ceiling: max_num_batched_tokens)."""
         bm = self.block_manager
         batch = ScheduledBatch()
-        budget = self.max_num_batched_tokens
+        budget = self.max_num_batched_tokens if budget is None else min(budget, self.max_num_batched_tokens)
 
         # 1. Running sequences, oldest first; preempt from the newest end when blocks run out.
         i = 0
@@ -107,7 +114,7 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not bm.can_append(seq, num_new):
                 bm.free(seq)
-                seq.num_computed_tokens = 0
+                seq.num_computed_tokens = seq.num_dropped_slots = 0
                 self.waiting.appendleft(seq)
                 break
             batch.copies += bm.append_slots(seq, num_new)

@@ -28,7 +28,8 @@ class Sequence:
     generator: torch.Generator
     detokenizer: IncrementalDetokenizer
     max_tokens: int
-    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_computed_tokens: int = 0  # tokens run through the model (the next token's position)
+    num_dropped_slots: int = 0  # of those, tokens whose K/V were evicted from the cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # prefix hashes of the full computed blocks
     status: SequenceStatus = SequenceStatus.WAITING
@@ -47,6 +48,12 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.request.prompt_token_ids)
+
+    @property
+    def num_kv_slots(self) -> int:
+        """Cache slots the sequence holds: its computed tokens less the evicted ones. Slot i is
+        `block_table[i // block_size] * block_size + i % block_size`."""
+        return self.num_computed_tokens - self.num_dropped_slots
 
     @property
     def num_tokens(self) -> int:

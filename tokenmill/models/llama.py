@@ -1,7 +1,8 @@
 """Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2 with QKV bias) over a flat token batch.
 
 Pure function of its inputs: weights + tokens + positions + attention metadata + KV cache in, logits
-for the requested rows out. Q/K/V and gate/up projections are fused into one matmul each.
+for the requested rows out. Q/K/V and gate/up projections are fused into one matmul each. One decoder loop runs over an ops object
+(layers/ops.py: torch or C++), so the residual stream and the KV write are handled in one place.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from tokenmill.layers.attention import AttentionMetadata, TorchAttention
-from tokenmill.layers.cpu_kernels import load_cpu_kernels
+from tokenmill.kv.cache import KVCache
+from tokenmill.layers.attention import AttentionMetadata, PagedAttention
 from tokenmill.layers.linear import ConcatLinear, DenseLinear, Linear, QuantLinear
 from tokenmill.layers.norm import rms_norm
+from tokenmill.layers.ops import HeadLayout, TorchOps
 from tokenmill.layers.quantization import PackedWeight, cat_rows, convert
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.model_config import ModelConfig
@@ -32,7 +33,14 @@ class LlamaLayer:
 
 
 class LlamaModel:
-    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype, max_positions: int):
+    def __init__(
+        self,
+        config: ModelConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_positions: int,
+        ops: TorchOps | None = None,
+    ):
         self.config = config
         self.device = device
         self.dtype = dtype
@@ -43,18 +51,15 @@ class LlamaModel:
         self.rotary = RotaryEmbedding(
             config.head_dim, max_positions, config.rope_theta, config.rope_scaling, device, dtype
         )
-        kernels = load_cpu_kernels() if device.type == "cpu" else None
-        self.kernels = kernels
-        self.fused = kernels is not None and dtype == torch.float32  # C++ fused elementwise ops
-        self.attention = TorchAttention(
+        self.ops = ops or TorchOps()
+        self.kernels = self.ops.module  # compiled kernels for quantized linears and attention, or None
+        self.heads = HeadLayout(config.num_heads, config.num_kv_heads, config.head_dim)
+        self.attention = PagedAttention(
             config.num_heads,
             config.num_kv_heads,
             config.head_dim,
-            decode_kernel=kernels.paged_decode_attention if kernels is not None else None,
+            kernel=self.kernels.paged_attention if self.kernels is not None else None,
         )
-        c = config
-        self._q_size = c.num_heads * c.head_dim
-        self._kv_size = c.num_kv_heads * c.head_dim
 
     # ---- weights -------------------------------------------------------------------------------
     def load_weights(
@@ -95,9 +100,9 @@ class LlamaModel:
         self.layers = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
-            q = take(p + "self_attn.q_proj.weight", (self._q_size, h))
-            k = take(p + "self_attn.k_proj.weight", (self._kv_size, h))
-            v = take(p + "self_attn.v_proj.weight", (self._kv_size, h))
+            q = take(p + "self_attn.q_proj.weight", (self.heads.q_size, h))
+            k = take(p + "self_attn.k_proj.weight", (self.heads.kv_size, h))
+            v = take(p + "self_attn.v_proj.weight", (self.heads.kv_size, h))
             bias = None
             if c.attention_bias:
                 bias = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
@@ -144,75 +149,33 @@ class LlamaModel:
     def forward(
         self,
         input_ids: torch.Tensor,  # [T]
-        positions: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T] token positions (for rotary), independent of the KV slots
         meta: AttentionMetadata,
-        kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],  # per layer (K, V)
+        kv_cache: KVCache,
         logits_indices: torch.Tensor,  # rows of the batch whose next-token logits are wanted
         layers: Sequence[int] | None = None,  # which layers to run (layer skipping); None: all
     ) -> torch.Tensor:
-        c = self.config
-        x = self.embed.rows(input_ids).to(self.dtype)
+        """Logits `[len(logits_indices), vocab]` (fp32). New K/V of every run layer go to the cache."""
+        c, ops = self.config, self.ops
+        x = self.embed.rows(input_ids).to(self.dtype).contiguous()
         cos, sin = self.rotary.cos_sin(positions)
-        run = self._layers_fused if self.fused else self._layers_torch
-        x = run(
-            x, cos, sin, meta, kv_caches, logits_indices, range(c.num_layers) if layers is None else layers
-        )
+        cos, sin = cos.squeeze(1), sin.squeeze(1)
+        t = x.shape[0]
+        delta: torch.Tensor | None = None  # the last sublayer's output, added to x by the next norm
+        for i in range(c.num_layers) if layers is None else layers:
+            layer = self.layers[i]
+            k_cache, v_cache = kv_cache.layer(i)
+            x, h = ops.add_rms_norm(x, delta, layer.input_norm, c.rms_norm_eps)
+            q, k, v = ops.rope_write_kv(
+                layer.qkv(h), cos, sin, k_cache, v_cache, meta.slot_mapping, self.heads
+            )
+            attn = self.attention(q, k, v, k_cache, v_cache, meta)
+            x, h = ops.add_rms_norm(
+                x, layer.o_proj(attn.reshape(t, self.heads.q_size)), layer.post_norm, c.rms_norm_eps
+            )
+            delta = layer.down(ops.silu_mul(layer.gate_up(h)))
+        x = x[logits_indices]
+        if delta is not None:
+            x = x + delta[logits_indices]
         x = rms_norm(x, self.final_norm, c.rms_norm_eps)
         return self.lm_head(x).float()
-
-    def _layers_torch(self, x, cos, sin, meta, kv_caches, logits_indices, layers) -> torch.Tensor:
-        """The layers in plain torch ops (any device and dtype); returns the hidden states of logits rows."""
-        c = self.config
-        t = x.shape[0]
-        qk_size = self._q_size + self._kv_size
-        for i in layers:
-            layer = self.layers[i]
-            h = rms_norm(x, layer.input_norm, c.rms_norm_eps)
-            qkv = layer.qkv(h)
-            # rotate q and k heads together: they sit side by side in the fused projection
-            qk = self.rotary.apply(qkv[:, :qk_size].view(t, -1, c.head_dim), cos, sin)
-            q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
-            v = qkv[:, qk_size:].view(t, c.num_kv_heads, c.head_dim)
-            k_cache, v_cache = kv_caches[i]
-            attn = self.attention(q, k, v, k_cache, v_cache, meta)
-            x = x + layer.o_proj(attn.reshape(t, self._q_size))
-            h = rms_norm(x, layer.post_norm, c.rms_norm_eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
-        return x[logits_indices]
-
-    def _layers_fused(self, x, cos, sin, meta, kv_caches, logits_indices, layers) -> torch.Tensor:
-        """The same layers with the C++ fused ops (CPU, fp32): residual add + norm in one op, rotary and the
-        KV cache write in one op, silu * up in one op. Each residual is added when the next norm runs."""
-        c, kernels = self.config, self.kernels
-        t = x.shape[0]
-        cos, sin = cos.squeeze(1), sin.squeeze(1)
-        qk_size = self._q_size + self._kv_size
-        x = x.contiguous()
-        delta: torch.Tensor | None = None
-        for i in layers:
-            layer = self.layers[i]
-            h = kernels.add_rms_norm(x, delta, layer.input_norm, c.rms_norm_eps)
-            qkv = layer.qkv(h)
-            k_cache, v_cache = kv_caches[i]
-            kernels.rope_kv_write(
-                qkv,
-                cos,
-                sin,
-                k_cache,
-                v_cache,
-                meta.slot_blocks,
-                meta.slot_offsets,
-                c.num_heads,
-                c.num_kv_heads,
-            )
-            q = qkv[:, : self._q_size].view(t, c.num_heads, c.head_dim)
-            k = qkv[:, self._q_size : qk_size].view(t, c.num_kv_heads, c.head_dim)
-            v = qkv[:, qk_size:].view(t, c.num_kv_heads, c.head_dim)
-            attn = self.attention(q, k, v, k_cache, v_cache, meta, kv_written=True)
-            h = kernels.add_rms_norm(
-                x, layer.o_proj(attn.reshape(t, self._q_size)), layer.post_norm, c.rms_norm_eps
-            )
-            delta = layer.down(kernels.silu_mul(layer.gate_up(h)))
-        x = x[logits_indices]
-        return x if delta is None else x + delta[logits_indices]

@@ -23,6 +23,3 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2 has biases on q/k/v
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def kv_bytes_per_token(self, element_size: int) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * element_size

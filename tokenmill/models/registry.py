@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 
 from tokenmill.layers.cpu_kernels import load_cpu_kernels
+from tokenmill.layers.ops import TorchOps, make_ops
 from tokenmill.layers.quantization import PackedWeight
 from tokenmill.models.gguf import GGUFModel
 from tokenmill.models.hf import HFModel
@@ -34,12 +35,12 @@ class LoadedModel:
     max_model_len: int
 
 
-def resolve_weight_mode(mode: str, source: ModelSource, device: torch.device, dtype: torch.dtype) -> str:
-    """'auto' runs a GGUF's quantized weights natively where the kernels can (CPU, fp32 activations) and
-    dequantizes them elsewhere; float checkpoints stay dense. Other modes are taken as asked."""
+def resolve_weight_mode(mode: str, source: ModelSource, ops: TorchOps, dtype: torch.dtype) -> str:
+    """'auto' runs a GGUF's quantized weights natively where the kernels can (C++ ops, fp32 activations)
+    and dequantizes them elsewhere; float checkpoints stay dense. Other modes are taken as asked."""
     if mode != "auto":
         return mode
-    if source.kind == "gguf" and device.type == "cpu" and dtype == torch.float32 and load_cpu_kernels():
+    if source.kind == "gguf" and ops.module is not None and dtype == torch.float32:
         return "auto"
     return "dense"
 
@@ -51,12 +52,15 @@ def load_model(
     max_model_len: int | None = None,
     weights: str = "auto",
     cache_root: Path | None | Literal["default"] = "default",
+    kernels: str = "auto",
 ) -> LoadedModel:
     """Build the model `source` names. GGUF weights that stay packed come through the weight cache under
-    `cache_root` ('default': see weight_cache.default_cache_root; None: no cache)."""
+    `cache_root` ('default': see weight_cache.default_cache_root; None: no cache). `kernels` picks the ops
+    (layers/ops.py: 'auto' | 'torch' | 'cpp')."""
     if cache_root == "default":
         cache_root = default_cache_root()
-    mode = resolve_weight_mode(weights, source, device, dtype)
+    ops = make_ops(kernels, device, dtype, load_cpu_kernels)
+    mode = resolve_weight_mode(weights, source, ops, dtype)
     if source.kind == "gguf" and mode != "dense":  # packed weights: through the on-disk cache
         converted = load_converted_gguf(source.path, cache_root)
         config, tokenizer = converted.config, converted.tokenizer
@@ -79,6 +83,6 @@ def load_model(
         max_model_len = context
     elif max_model_len > context:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {context}")
-    model = cls(config, device, dtype, max_positions=max_model_len)
+    model = cls(config, device, dtype, max_positions=max_model_len, ops=ops)
     model.load_weights(tensors, mode)
     return LoadedModel(model, config, tokenizer, max_model_len)

@@ -1,8 +1,9 @@
 // Python bindings of tokenmill's CPU kernels (one extension module built from every file in csrc/).
 #include <torch/extension.h>
 
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale);
+std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                           torch::Tensor block_tables, torch::Tensor seq_lens,
+                                           torch::Tensor query_start_loc, double scale, bool return_lse);
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
                         int64_t gemm_min_rows, int64_t tile_bytes);
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t gemm_min_rows,
@@ -12,12 +13,11 @@ torch::Tensor q8_dequantize(torch::Tensor codes, torch::Tensor scales);
 bool has_avx2();
 torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor weight, double eps);
 void rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
-                   torch::Tensor v_cache, torch::Tensor slot_blocks, torch::Tensor slot_offsets, int64_t H,
-                   int64_t Hkv);
+                   torch::Tensor v_cache, torch::Tensor slot_mapping, int64_t H, int64_t Hkv);
 torch::Tensor silu_mul(torch::Tensor gate_up);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
+  m.def("paged_attention", &paged_attention, "paged attention over ragged query rows, with log-sum-exp (CPU)");
   m.def("q4_linear", &q4_linear, "x @ W^T with 4-bit block-quantized W");
   m.def("q8_linear", &q8_linear, "x @ W^T with 8-bit block-quantized W");
   m.def("q4_dequantize", &q4_dequantize, "4-bit blocks -> fp32 rows");

@@ -42,15 +42,16 @@ torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, 
 }
 
 // qkv: [T, (H + 2 Hkv) * Dh] fp32, rotated in place (q and k heads, half-split layout); k and v are then
-// written to their cache slots. cos, sin: [T, Dh / 2]. Caches: [blocks, Hkv, block_size, Dh].
+// written to their cache slots (slot = block * block_size + offset; a negative slot is not written).
+// cos, sin: [T, Dh / 2]. Caches: [blocks, Hkv, block_size, Dh].
 void rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
-                   torch::Tensor v_cache, torch::Tensor slot_blocks, torch::Tensor slot_offsets, int64_t H,
-                   int64_t Hkv) {
+                   torch::Tensor v_cache, torch::Tensor slot_mapping, int64_t H, int64_t Hkv) {
   TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.is_contiguous(), "qkv: contiguous fp32");
   TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "caches: contiguous fp32");
   cos = cos.contiguous(), sin = sin.contiguous();
-  slot_blocks = slot_blocks.contiguous(), slot_offsets = slot_offsets.contiguous();
+  slot_mapping = slot_mapping.to(torch::kLong).contiguous();
+  TORCH_CHECK(slot_mapping.numel() == qkv.size(0), "one slot per token");
   const int64_t T = qkv.size(0), Dh = k_cache.size(3), half = Dh / 2, bs = k_cache.size(2);
   TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * Dh && cos.size(-1) == half, "qkv/cos shapes");
   float* p = qkv.data_ptr<float>();
@@ -58,8 +59,7 @@ void rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torc
   const float* sp = sin.data_ptr<float>();
   float* kc = k_cache.data_ptr<float>();
   float* vc = v_cache.data_ptr<float>();
-  const int64_t* blocks = slot_blocks.data_ptr<int64_t>();
-  const int64_t* offs = slot_offsets.data_ptr<int64_t>();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const int64_t W = qkv.size(1);
   at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -75,7 +75,9 @@ void rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torc
           x[i + half] = x2 * c[i] + x1 * s[i];
         }
       }
-      const int64_t base = blocks[t] * Hkv * bs + offs[t];
+      const int64_t slot = slots[t];
+      if (slot < 0) continue;
+      const int64_t base = (slot / bs) * Hkv * bs + slot % bs;
       for (int64_t h = 0; h < Hkv; ++h) {
         const int64_t dst = (base + h * bs) * Dh;
         std::memcpy(kc + dst, row + (H + h) * Dh, Dh * sizeof(float));

@@ -1,8 +1,14 @@
-// Paged decode attention for the CPU: one query token per sequence attends over its KV blocks, read in
-// place through the block table (no gather copy). Within a block each KV head's tokens are contiguous,
-// so a (sequence, head) task streams whole cache lines. Grouped-query heads that share a KV head are handled
-// together so each K/V row is read once. Scores are kept per (sequence, KV head) in a small buffer:
-// pass 1 computes q.k, pass 2 the softmax, pass 3 accumulates the values. Accumulation is in fp32.
+// Paged attention for the CPU over a flat, ragged batch of query rows: row b has query tokens
+// [query_start_loc[b], query_start_loc[b+1]) and attends over its first seq_lens[b] cached keys, read in
+// place through its block table (no gather copy). Query j of a row with n queries sees keys
+// [0, seq_len - n + j]: causal among the row's own new tokens, which were written to the cache already.
+// One query per row is a plain decode; several are a speculative verification or a short prompt chunk.
+//
+// Within a block each KV head's tokens are contiguous, so a (row, KV head) task streams whole cache lines.
+// The query heads sharing a KV head (grouped-query attention) and the row's queries are handled together, so
+// each K/V vector is read once per task. Scores live in a small per-task buffer: pass 1 computes q.k, pass 2
+// the softmax, pass 3 accumulates the values; accumulation in fp32. The log-sum-exp of every (query, head) can
+// be returned with the output, so attention over disjoint key sets can be merged exactly afterwards.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -10,78 +16,107 @@
 #include <vector>
 
 template <typename T>
-static void decode_kernel(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* lens,
-                          T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks,
-                          float scale) {
+static void attention_kernel(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* lens,
+                             const int64_t* qsl, T* out, float* lse, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                             int64_t bs, int64_t max_blocks, float scale) {
   const int64_t G = H / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf(G * D), acc(G * D);
+    std::vector<float> scores, qf, acc, maxs, sums;
+    std::vector<int64_t> visible;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
-      const int64_t L = lens[b];
+      const int64_t L = lens[b], q0 = qsl[b], n = qsl[b + 1] - q0;
+      if (n <= 0) continue;
+      const int64_t R = n * G;  // query rows of this task: (token j, head g) -> j * G + g
+      const int64_t first = L - n;  // keys every query sees; query j also sees keys first .. first + j
       const int64_t* table = tables + b * max_blocks;
-      scores.resize(G * L);
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t i = 0; i < D; ++i) qf[g * D + i] = static_cast<float>(q[(b * H + h * G + g) * D + i]) * scale;
-      std::vector<float> maxs(G, -std::numeric_limits<float>::infinity());
+      scores.resize(R * L);
+      qf.resize(R * D);
+      acc.assign(R * D, 0.f);
+      maxs.assign(R, -std::numeric_limits<float>::infinity());
+      sums.assign(R, 0.f);
+      visible.resize(R);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t g = 0; g < G; ++g) {
+          const T* src = q + ((q0 + j) * H + h * G + g) * D;
+          float* dst = qf.data() + (j * G + g) * D;
+          for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+          visible[j * G + g] = first + j + 1;
+        }
       for (int64_t t = 0; t < L; ++t) {
         const T* k = kc + ((table[t / bs] * Hkv + h) * bs + t % bs) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qf.data() + g * D;
+        const int64_t r0 = t < first ? 0 : (t - first) * G;  // rows whose query sees key t
+        for (int64_t r = r0; r < R; ++r) {
+          const float* qr = qf.data() + r * D;
           float s = 0.f;
 #pragma omp simd reduction(+ : s)
-          for (int64_t i = 0; i < D; ++i) s += qg[i] * static_cast<float>(k[i]);
-          scores[g * L + t] = s;
-          maxs[g] = std::max(maxs[g], s);
+          for (int64_t i = 0; i < D; ++i) s += qr[i] * static_cast<float>(k[i]);
+          scores[r * L + t] = s;
+          maxs[r] = std::max(maxs[r], s);
         }
       }
-      std::vector<float> sums(G, 0.f);
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * L;
-        const float m = maxs[g];
+      for (int64_t r = 0; r < R; ++r) {
+        float* sr = scores.data() + r * L;
+        const float m = maxs[r];
+        const int64_t vis = visible[r];
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < L; ++t) {
-          sg[t] = std::exp(sg[t] - m);  // vectorized (libmvec) under -ffast-math
-          sum += sg[t];
+        for (int64_t t = 0; t < vis; ++t) {
+          sr[t] = std::exp(sr[t] - m);  // vectorized (libmvec) under -ffast-math
+          sum += sr[t];
         }
-        sums[g] = sum;
+        sums[r] = sum;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < L; ++t) {
         const T* v = vc + ((table[t / bs] * Hkv + h) * bs + t % bs) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = scores[g * L + t];
-          float* ag = acc.data() + g * D;
+        const int64_t r0 = t < first ? 0 : (t - first) * G;
+        for (int64_t r = r0; r < R; ++r) {
+          const float p = scores[r * L + t];
+          float* ar = acc.data() + r * D;
 #pragma omp simd
-          for (int64_t i = 0; i < D; ++i) ag[i] += p * static_cast<float>(v[i]);
+          for (int64_t i = 0; i < D; ++i) ar[i] += p * static_cast<float>(v[i]);
         }
       }
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t i = 0; i < D; ++i)
-          out[(b * H + h * G + g) * D + i] = static_cast<T>(acc[g * D + i] / sums[g]);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = j * G + g, head = h * G + g;
+          T* dst = out + ((q0 + j) * H + head) * D;
+          const float inv = 1.f / sums[r];
+          for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<T>(acc[r * D + i] * inv);
+          if (lse != nullptr) lse[(q0 + j) * H + head] = maxs[r] + std::log(sums[r]);
+        }
     }
   });
 }
 
-// q [B, H, D]; k_cache, v_cache [num_blocks, Hkv, block_size, D]; block_tables [B, max_blocks] int64;
-// context_lens [B] int64 (>= 1). Returns [B, H, D].
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "bad shapes");
+// q [T, H, D]; k_cache, v_cache [num_blocks, Hkv, block_size, D]; block_tables [B, max_blocks] int64;
+// seq_lens [B] int64 (>= the row's query count); query_start_loc [B + 1] int64, rows of q in order.
+// Returns (out [T, H, D], lse [T, H] fp32, empty unless return_lse). Rows of q outside every range stay
+// uninitialized.
+std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                           torch::Tensor block_tables, torch::Tensor seq_lens,
+                                           torch::Tensor query_start_loc, double scale, bool return_lse) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "paged_attention: q [T, H, D], cache [blocks, Hkv, bs, D]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "cache must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(),
+              "q and the cache must share a dtype");
   q = q.contiguous();
-  block_tables = block_tables.contiguous();
-  context_lens = context_lens.contiguous();
-  auto out = torch::empty_like(q);
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  block_tables = block_tables.to(torch::kLong).contiguous();
+  seq_lens = seq_lens.to(torch::kLong).contiguous();
+  query_start_loc = query_start_loc.to(torch::kLong).contiguous();
+  const int64_t B = seq_lens.size(0), H = q.size(1), D = q.size(2);
   const int64_t Hkv = k_cache.size(1), bs = k_cache.size(2);
   TORCH_CHECK(H % Hkv == 0 && k_cache.size(3) == D, "head layout mismatch");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                            block_tables.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
-                            out.data_ptr<scalar_t>(), B, H, Hkv, D, bs, block_tables.size(1),
-                            static_cast<float>(scale));
+  TORCH_CHECK(query_start_loc.size(0) == B + 1 && block_tables.size(0) == B, "one table and length per row");
+  auto out = torch::empty_like(q);
+  torch::Tensor lse = return_lse ? torch::empty({q.size(0), H}, q.options().dtype(torch::kFloat))
+                                 : torch::empty({0}, q.options().dtype(torch::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
+    attention_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                               block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
+                               query_start_loc.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
+                               return_lse ? lse.data_ptr<float>() : nullptr, B, H, Hkv, D, bs,
+                               block_tables.size(1), static_cast<float>(scale));
   });
-  return out;
+  return {out, lse};
 }

@@ -1,0 +1,60 @@
+"""How many tokens one step may carry, from a latency target (Sarathi-Serve's rule).
+
+A step's wall time grows with the tokens it carries; every running decode waits for the whole step, so the
+step time *is* their time per output token. Given a TPOT target, the budget is the largest token count whose
+predicted step time stays inside it. The prediction is a line, seconds = fixed + per_token * tokens, fitted by
+least squares over the recent steps this engine actually ran (so it follows the machine, the model and the
+context lengths as they change). The budget never exceeds the configured maximum and never falls below the
+running decodes plus a minimum prompt chunk, so a waiting prompt always makes progress.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+MIN_OBSERVATIONS = 8  # steps seen before the fit is trusted; until then the configured maximum applies
+
+
+@dataclass
+class StepBudget:
+    max_tokens: int  # the configured --max-num-batched-tokens: never exceeded
+    slo_tpot_s: float | None  # target time per output token; None: always the maximum (throughput first)
+    min_chunk: int = 32  # prompt tokens a step may always add, so waiting prompts are never starved
+    headroom: float = 0.85  # plan for this fraction of the target: step times vary
+    window: int = 128  # recent steps in the fit
+    _samples: deque[tuple[int, float]] = field(default_factory=deque, repr=False)
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        """Record a step that ran num_tokens tokens in `seconds` of wall time."""
+        if num_tokens <= 0 or seconds <= 0:
+            return
+        self._samples.append((num_tokens, seconds))
+        while len(self._samples) > self.window:
+            self._samples.popleft()
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per token) of the recent steps, or None while too few or too alike."""
+        if len(self._samples) < MIN_OBSERVATIONS:
+            return None
+        n = len(self._samples)
+        mean_x = sum(x for x, _ in self._samples) / n
+        mean_y = sum(y for _, y in self._samples) / n
+        var = sum((x - mean_x) ** 2 for x, _ in self._samples)
+        if var == 0:
+            return None
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in self._samples) / var
+        slope = max(slope, 1e-7)
+        return max(mean_y - slope * mean_x, 0.0), slope
+
+    def budget(self, num_decodes: int) -> int:
+        """Tokens the next step may carry when num_decodes sequences are decoding in it."""
+        if self.slo_tpot_s is None or num_decodes == 0:
+            return self.max_tokens  # nobody waits on this step's latency: take the throughput-best budget
+        floor = min(self.max_tokens, num_decodes + self.min_chunk)
+        fitted = self.fit()
+        if fitted is None:
+            return self.max_tokens
+        fixed, per_token = fitted
+        fits = int((self.slo_tpot_s * self.headroom - fixed) / per_token)
+        return max(floor, min(self.max_tokens, fits))
