@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tokenmill.engine.sampling_rows import rows_from_seqs
 from tokenmill.engine.scheduler import ScheduledBatch, ScheduledSeq
 from tokenmill.layers.attention import AttentionMetadata, PrefillSpan
 from tokenmill.layers.sampler import Sampler, SampleResult
@@ -48,7 +49,7 @@ class ModelRunner:
         logits_rows = torch.tensor([row for row, _ in sampling], dtype=torch.long, device=self.device)
         seqs = [s.seq for _, s in sampling]
         logits = self.model.forward(input_ids, positions, meta, self.kv_caches, logits_rows)
-        results = self.sampler(logits, seqs) if seqs else []
+        results = self.sampler(logits, rows_from_seqs(seqs)) if seqs else []
         return {seq.seq_id: r for seq, r in zip(seqs, results, strict=True)}
 
     @staticmethod
