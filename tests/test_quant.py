@@ -19,8 +19,9 @@ from tests.test_models import SMALL_CONFIG, k_quant_bytes, small_tokenizer_field
 from tokenmill import LLM, SamplingParams
 from tokenmill.layers.cpu_kernels import load_cpu_kernels
 from tokenmill.layers.linear import GEMM_MIN_ROWS, QuantLinear
-from tokenmill.layers.quantization import PackedWeight, convert, dequantize, pack_gguf, quantize
+from tokenmill.layers.quantization import PackedWeight, convert, dequantize, quantize
 from tokenmill.models import weight_cache
+from tokenmill.models.gguf import pack_gguf
 
 Q = GGMLQuantizationType
 KERNELS = load_cpu_kernels()

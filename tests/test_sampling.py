@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.engine.sequence import Request, Sequence
-from tokenmill.layers.sampler import Sampler
+from tokenmill.layers.sampler import Sampler, SamplingRow
 
 PROMPT = {"prompt_token_ids": list(range(100, 140))}
 
@@ -55,9 +54,8 @@ def test_stop_may_be_a_single_string():
 
 
 # ---- the sampler on hand-made logits -----------------------------------------------------------------
-def _seq(params: SamplingParams, token_ids: list[int], num_prompt: int, seed: int = 0) -> Sequence:
-    request = Request("r", None, token_ids[:num_prompt], params)
-    return Sequence(0, request, 0, list(token_ids), torch.Generator().manual_seed(seed), None, 100)
+def _seq(params: SamplingParams, token_ids: list[int], num_prompt: int, seed: int = 0) -> SamplingRow:
+    return SamplingRow(params, torch.Generator().manual_seed(seed), list(token_ids), num_prompt)
 
 
 def test_top_k_top_p_min_p_restrict_support():

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from tokenmill.layers.quantization import WEIGHT_MODES
+from tokenmill.formats import WeightFormat
 
 _DTYPES = {
     "float32": torch.float32,
@@ -19,6 +19,13 @@ _DTYPES = {
 }
 
 DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3  # bytes; ~46k tokens of SmolLM2-135M KV in fp32
+KERNELS = ("auto", "torch", "cpp")  # which implementation of the model's ops runs
+CPU_ISAS = ("auto", "portable", "avx2", "avx512")  # which instruction set the C++ kernels are built for
+
+
+def default_cpu_isa() -> str:
+    """$TOKENMILL_CPU_ISA, or auto."""
+    return os.environ.get("TOKENMILL_CPU_ISA", "auto")
 
 
 def physical_cores() -> int:
@@ -79,7 +86,7 @@ class EngineConfig:
 
     model: str | None = None  # alias, .gguf path or HF folder; None: the embedded default model
     dtype: str | torch.dtype = "float32"
-    weights: str = "auto"  # auto | dense | q4 | q8: how linear weights are stored and executed (see below)
+    weights: WeightFormat | str = WeightFormat.AUTO  # auto | dense | q4 | q8: see formats.WeightFormat
     device: str | torch.device = "cpu"
     kv_cache_memory: int | str = DEFAULT_KV_CACHE_MEMORY  # bytes for K and V of all layers
     block_size: int = 16  # tokens per KV block
@@ -89,7 +96,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds generators of requests that give no seed
     threads: int | None = None  # CPU threads for torch and the kernels; None: the physical cores
-    kernels: str = "auto"  # auto | torch | cpp: which ops run the model (layers/ops.py)
+    # Which implementation of the model's ops runs: torch, the C++ CPU kernels, or auto (cpp where it builds,
+    # for fp32 on the CPU; torch elsewhere).
+    kernels: str = "auto"
+    # The instruction set the C++ kernels are built for; auto: the best this CPU has.
+    cpu_isa: str = field(default_factory=default_cpu_isa)
     slo_tpot: float | None = None  # seconds per output token to keep steps within (engine/step_budget.py)
 
     def __post_init__(self) -> None:
@@ -106,7 +117,13 @@ class EngineConfig:
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         if self.slo_tpot is not None and not (isinstance(self.slo_tpot, (int, float)) and self.slo_tpot > 0):
             raise ValueError(f"slo_tpot must be a positive number of seconds, got {self.slo_tpot!r}")
-        if self.kernels not in ("auto", "torch", "cpp"):
-            raise ValueError(f"kernels must be one of auto, torch, cpp, got {self.kernels!r}")
-        if self.weights not in WEIGHT_MODES:
-            raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {self.weights!r}")
+        self.weights = WeightFormat.parse(self.weights)
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if self.kernels == "cpp" and self.torch_device.type != "cpu":
+            raise ValueError(f"kernels='cpp' runs on the CPU only; device is {self.torch_device}")
+        if self.cpu_isa not in CPU_ISAS:
+            source = (
+                " (from TOKENMILL_CPU_ISA)" if self.cpu_isa == os.environ.get("TOKENMILL_CPU_ISA") else ""
+            )
+            raise ValueError(f"cpu_isa must be one of {', '.join(CPU_ISAS)}, got {self.cpu_isa!r}{source}")

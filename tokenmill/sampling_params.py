@@ -1,8 +1,11 @@
-"""Per-request sampling parameters, validated on construction so that bad values fail at submission."""
+"""Per-request sampling parameters, validated on construction so that bad values fail at submission
+(an AdmissionError naming the field)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from tokenmill.errors import INVALID_VALUE, AdmissionError
 
 _GREEDY_EPS = 1e-5
 
@@ -40,7 +43,7 @@ class SamplingParams:
     def _validate(self) -> None:
         def check(ok: bool, name: str, allowed: str, value: object) -> None:
             if not ok:
-                raise ValueError(f"{name} must be {allowed}, got {value!r}")
+                raise AdmissionError(name, INVALID_VALUE, f"{name} must be {allowed}, got {value!r}")
 
         def is_int(v: object) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)

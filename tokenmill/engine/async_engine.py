@@ -6,7 +6,7 @@ request's outputs to that request's `asyncio.Queue` through `loop.call_soon_thre
 the GIL inside its ops, so the event loop stays responsive while a step runs.
 
 Admission happens in the loop thread too (it owns the scheduler's view of the waiting queue); its result
-comes back through an asyncio future, so `add_request` raises `ValueError` (a bad request) or
+comes back through an asyncio future, so `add_request` raises `AdmissionError` (a bad request) or
 `QueueFullError` before any output is streamed. A consumer that stops iterating (a client disconnect
 cancels its task, or it closes the generator) aborts its request, which frees its KV blocks.
 """
@@ -25,6 +25,7 @@ from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.llm_engine import LLMEngine, PromptInput
+from tokenmill.errors import DUPLICATE_REQUEST_ID, AdmissionError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -71,7 +72,31 @@ class EngineStats:
     num_preemptions: int = 0
 
 
-_ADD, _ABORT, _STOP = "add", "abort", "stop"
+# ---- commands: what callers hand the loop thread, through a thread-safe queue -------------------------------
+@dataclass(frozen=True, eq=False)
+class AddCommand:
+    """Admit a request; the outcome (None or the admission error) resolves `future` on `stream.loop`."""
+
+    prompt: PromptInput
+    params: SamplingParams
+    request_id: str
+    stream: RequestStream
+    future: asyncio.Future[None]
+
+
+@dataclass(frozen=True)
+class AbortCommand:
+    """Abort a request (unknown or finished ids are ignored)."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class StopCommand:
+    """Abort every request and end the loop thread."""
+
+
+Command = AddCommand | AbortCommand | StopCommand
 
 
 class RequestStream:
@@ -141,7 +166,7 @@ class AsyncLLMEngine:
             raise ValueError(f"max_waiting must be >= 1 (or None for no limit), got {max_waiting}")
         self.engine = engine
         self.max_waiting = max_waiting
-        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._lock = threading.Lock()  # orders command submission against the loop thread's exit
         self._closed = False  # the loop thread has exited (or never will run again)
         self._accepting = True
@@ -232,7 +257,7 @@ class AsyncLLMEngine:
             await asyncio.sleep(0.05)
         if self._active:
             logger.warning("shutdown: aborting %d unfinished request(s)", len(self._active))
-        self._submit((_STOP,))
+        self._submit(StopCommand())
         thread = self._thread
         if thread is not None:
             await asyncio.to_thread(thread.join, 30.0)
@@ -248,7 +273,7 @@ class AsyncLLMEngine:
     ) -> RequestStream:
         """Admit a request and return its output stream.
 
-        Raises ValueError (invalid request: prompt too long, bad token ids, id in use, ...), QueueFullError,
+        Raises AdmissionError (invalid request: prompt too long, bad token ids, id in use, ...), QueueFullError,
         EngineShuttingDownError or EngineDeadError before anything is streamed."""
         if self._dead is not None:
             raise EngineDeadError("the engine has stopped after an error")
@@ -260,7 +285,7 @@ class AsyncLLMEngine:
             request_id = f"req-{uuid.uuid4().hex}"
         stream = RequestStream(request_id, self, loop)
         future: asyncio.Future[None] = loop.create_future()
-        self._submit((_ADD, prompt, params or SamplingParams(), request_id, stream, future))
+        self._submit(AddCommand(prompt, params or SamplingParams(), request_id, stream, future))
         try:
             await future
         except asyncio.CancelledError:
@@ -289,38 +314,38 @@ class AsyncLLMEngine:
         self._abort_nowait(request_id)
 
     def _abort_nowait(self, request_id: str) -> None:
-        self._submit((_ABORT, request_id))
+        self._submit(AbortCommand(request_id))
 
-    def _submit(self, command: tuple[Any, ...]) -> None:
+    def _submit(self, command: Command) -> None:
         with self._lock:
             if not self._closed:
                 self._commands.put(command)
                 return
         # The loop thread is gone: answer here so that no caller waits forever.
-        if command[0] == _ADD:
-            stream, future = command[4], command[5]
-            error: BaseException = (
-                EngineDeadError("the engine has stopped after an error")
-                if self._dead is not None
-                else EngineShuttingDownError("the engine has shut down")
-            )
-            _resolve_threadsafe(stream.loop, future, error)
+        if isinstance(command, AddCommand):
+            _resolve_threadsafe(command.stream.loop, command.future, self._closed_error())
+
+    def _closed_error(self) -> BaseException:
+        """What an add gets once the loop thread has exited."""
+        if self._dead is not None:
+            return EngineDeadError("the engine has stopped after an error")
+        return EngineShuttingDownError("the engine has shut down")
 
     # ---- the loop thread ------------------------------------------------------------------------
     def _run(self) -> None:
         engine = self.engine
         wait: float | None = None  # how long to block for commands: None forever, 0 not at all
-        batch: deque[tuple[Any, ...]] = deque()  # commands taken off the queue, not yet handled
+        batch: deque[Command] = deque()  # commands taken off the queue, not yet handled
         try:
             while True:
                 batch.extend(self._take_commands(None if not engine.has_unfinished_requests() else wait))
                 stop = False
                 while batch:
                     command = batch.popleft()
-                    if command[0] == _ADD:
-                        self._handle_add(*command[1:])
-                    elif command[0] == _ABORT:
-                        self._handle_abort(command[1])
+                    if isinstance(command, AddCommand):
+                        self._handle_add(command)
+                    elif isinstance(command, AbortCommand):
+                        self._handle_abort(command.request_id)
                     else:
                         stop = True
                 if stop:
@@ -357,16 +382,12 @@ class AsyncLLMEngine:
                     batch.append(self._commands.get_nowait())
                 except queue.Empty:
                     break
-            error: BaseException = (
-                EngineDeadError("the engine has stopped after an error")
-                if self._dead is not None
-                else EngineShuttingDownError("the engine has shut down")
-            )
+            error = self._closed_error()
             for command in batch:
-                if command[0] == _ADD:
-                    _resolve_threadsafe(command[4].loop, command[5], error)
+                if isinstance(command, AddCommand):
+                    _resolve_threadsafe(command.stream.loop, command.future, error)
 
-    def _take_commands(self, timeout: float | None) -> list[tuple[Any, ...]]:
+    def _take_commands(self, timeout: float | None) -> list[Command]:
         commands = []
         try:
             if timeout is None:
@@ -386,14 +407,8 @@ class AsyncLLMEngine:
         running = {seq.request.request_id for seq in scheduler.running}
         return len({seq.request.request_id for seq in scheduler.waiting} - running)
 
-    def _handle_add(
-        self,
-        prompt: PromptInput,
-        params: SamplingParams,
-        request_id: str,
-        stream: RequestStream,
-        future: asyncio.Future[None],
-    ) -> None:
+    def _handle_add(self, command: AddCommand) -> None:
+        request_id, stream, future = command.request_id, command.stream, command.future
         try:
             if not self._accepting:
                 raise EngineShuttingDownError("the server is shutting down")
@@ -402,8 +417,10 @@ class AsyncLLMEngine:
                     f"the server is busy: {self.max_waiting} request(s) are already waiting; retry later"
                 )
             if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            self.engine.add_request(prompt, params, request_id)
+                raise AdmissionError(
+                    "request_id", DUPLICATE_REQUEST_ID, f"request id {request_id!r} is already in use"
+                )
+            self.engine.add_request(command.prompt, command.params, request_id)
         except Exception as exc:
             _resolve_threadsafe(stream.loop, future, exc)
             return

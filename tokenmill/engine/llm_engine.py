@@ -16,6 +16,7 @@ from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Request, Sequence, SequenceStatus
 from tokenmill.engine.step_budget import StepBudget
+from tokenmill.errors import CONTEXT_LENGTH_EXCEEDED, DUPLICATE_REQUEST_ID, INVALID_VALUE, AdmissionError
 from tokenmill.kv.cache import KVCache, KVCacheSpec
 from tokenmill.layers.sampler import Sampler, SampleResult
 from tokenmill.models.registry import load_model
@@ -80,26 +81,37 @@ class LLMEngine:
 
     # ---- admission -----------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
-        """A prompt as text, as token ids, or as {"prompt": ...} / {"prompt_token_ids": [...]}."""
+        """A prompt as text, as token ids, or as {"prompt": ...} / {"prompt_token_ids": [...]}.
+        Raises AdmissionError(param="prompt") for a prompt it cannot take."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 prompt = list(prompt["prompt_token_ids"])
             elif "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
-                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+                raise AdmissionError(
+                    "prompt", INVALID_VALUE, "a prompt dict needs 'prompt' or 'prompt_token_ids'"
+                )
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("prompt is empty")
+                raise AdmissionError("prompt", INVALID_VALUE, "prompt is empty")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)):
             ids = list(prompt)
             vocab = self.model_config.vocab_size
             bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
             if bad:
-                raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+                raise AdmissionError(
+                    "prompt",
+                    INVALID_VALUE,
+                    f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}",
+                )
             return None, ids
-        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        raise AdmissionError(
+            "prompt",
+            INVALID_VALUE,
+            f"prompt must be a string or a list of token ids, got {type(prompt).__name__}",
+        )
 
     def add_request(
         self,
@@ -107,31 +119,49 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> Request:
+        """Queue a request. Raises AdmissionError (naming the parameter at fault) if it cannot run: an empty or
+        invalid prompt, one that leaves no room in the context, max_tokens beyond the context or the KV cache,
+        a request id in use."""
         params = params or SamplingParams()
         text, ids = self.tokenize_prompt(prompt)
         n_prompt = len(ids)
         if n_prompt == 0:
-            raise ValueError("prompt is empty (it has no tokens)")
+            raise AdmissionError("prompt", INVALID_VALUE, "prompt is empty (it has no tokens)")
         if n_prompt >= self.max_model_len:
-            raise ValueError(
+            raise AdmissionError(
+                "prompt",
+                CONTEXT_LENGTH_EXCEEDED,
                 f"prompt has {n_prompt} tokens, which leaves no room in the model's context of "
-                f"{self.max_model_len} tokens"
+                f"{self.max_model_len} tokens",
+            )
+        if n_prompt >= self.kv_capacity_tokens:
+            raise AdmissionError(
+                "prompt",
+                CONTEXT_LENGTH_EXCEEDED,
+                f"prompt has {n_prompt} tokens, which leaves no room in the KV cache capacity of "
+                f"{self.kv_capacity_tokens} tokens; raise kv_cache_memory",
             )
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n_prompt
         if n_prompt + max_tokens > self.max_model_len:
-            raise ValueError(
+            raise AdmissionError(
+                "max_tokens",
+                CONTEXT_LENGTH_EXCEEDED,
                 f"max_tokens={max_tokens} is too large: the prompt has {n_prompt} tokens and the context holds "
-                f"{self.max_model_len}, so at most {self.max_model_len - n_prompt} new tokens fit"
+                f"{self.max_model_len}, so at most {self.max_model_len - n_prompt} new tokens fit",
             )
         if n_prompt + max_tokens > self.kv_capacity_tokens:
-            raise ValueError(
+            raise AdmissionError(
+                "max_tokens",
+                CONTEXT_LENGTH_EXCEEDED,
                 f"prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the KV cache capacity of "
-                f"{self.kv_capacity_tokens} tokens; raise kv_cache_memory or lower max_tokens"
+                f"{self.kv_capacity_tokens} tokens; raise kv_cache_memory or lower max_tokens",
             )
         if request_id is None:
             request_id = f"req-{next(self._request_ids)}"
         if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise AdmissionError(
+                "request_id", DUPLICATE_REQUEST_ID, f"request id {request_id!r} is already in use"
+            )
         request = Request(request_id, text, ids, params)
         for index in range(params.n):
             seq = self._new_sequence(request, index, max_tokens)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.engine.sampling_rows import rows_from_seqs
 from tokenmill.engine.scheduler import ScheduledBatch, ScheduledSeq
 from tokenmill.kv.cache import KVCache
 from tokenmill.layers.attention import MAX_PAGED_QUERY_LEN, AttentionRow, build_attention_metadata
@@ -42,7 +43,7 @@ class ModelRunner:
         last = [i for i, (s, j) in enumerate(step.rows) if j == s.num_new_tokens - 1]
         seqs = [step.rows[i][0].seq for i in last]
         logits = step.logits if len(last) == len(step.rows) else step.logits[last]
-        results = self.sampler(logits, seqs) if seqs else []
+        results = self.sampler(logits, rows_from_seqs(seqs)) if seqs else []
         return {seq.seq_id: r for seq, r in zip(seqs, results, strict=True)}
 
     def execute(self, batch: ScheduledBatch, layers: list[int] | None = None) -> StepLogits:

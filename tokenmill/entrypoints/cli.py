@@ -7,66 +7,13 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from tokenmill.config import DEFAULT_KV_CACHE_MEMORY
+from tokenmill.engine_args import EngineArgs
 from tokenmill.sampling_params import SamplingParams
+
+DEFAULT_SERVE_SLO_TPOT = 0.2  # seconds: the serving benchmark's TPOT SLO, kept by the step budget
 
 
 # ---- shared options -------------------------------------------------------------------------------------
-def add_engine_options(p: argparse.ArgumentParser, positional_model: bool = False) -> None:
-    g = p.add_argument_group("engine")
-    model_help = (
-        "a .gguf file, a Hugging Face folder, or an alias (default: the embedded SmolLM2-135M-Instruct)"
-    )
-    if positional_model:
-        g.add_argument("model", nargs="?", default=None, help=model_help)
-    else:
-        g.add_argument("--model", "-m", default=None, help=model_help)
-    g.add_argument(
-        "--dtype",
-        default="float32",
-        help="weights/activations dtype: float32, bfloat16, float16 (default: float32)",
-    )
-    g.add_argument(
-        "--weights",
-        default="auto",
-        choices=["auto", "dense", "q4", "q8"],
-        help="weight format: auto runs a GGUF's quantized weights natively on the CPU; dense dequantizes to "
-        "--dtype; q4/q8 convert every linear weight to 4/8-bit blocks (default: auto)",
-    )
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    g.add_argument(
-        "--kv-cache-memory",
-        default=str(DEFAULT_KV_CACHE_MEMORY),
-        help="bytes for the KV cache, e.g. 512MiB or 2GiB (default: 2GiB)",
-    )
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
-    g.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=2048,
-        help="token budget of one step: prompt chunks + decodes (default: 2048)",
-    )
-    g.add_argument("--max-num-seqs", type=int, default=128, help="sequences running at once (default: 128)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    g.add_argument("--no-prefix-caching", action="store_true", help="turn off automatic prefix caching")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "dtype": args.dtype,
-        "weights": args.weights,
-        "device": args.device,
-        "kv_cache_memory": args.kv_cache_memory,
-        "block_size": args.block_size,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "max_num_seqs": args.max_num_seqs,
-        "max_model_len": args.max_model_len,
-        "enable_prefix_caching": not args.no_prefix_caching,
-        "threads": args.threads,
-    }
-
-
 def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument(
@@ -110,7 +57,7 @@ def load_llm(args: argparse.Namespace):
     from tokenmill.entrypoints.llm import LLM
 
     print("Loading model...", file=sys.stderr, flush=True)
-    return LLM(args.model, **engine_kwargs(args))
+    return LLM(**EngineArgs.from_cli_args(args).config_kwargs())
 
 
 def stream(llm, prompt: Any, params: SamplingParams) -> Iterator[str]:
@@ -231,12 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="complete one prompt, streaming the text")
     p.add_argument("prompt", help="the prompt text")
-    add_engine_options(p)
+    EngineArgs.add_cli_args(p)
     add_sampling_options(p, max_tokens=128)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with the model's chat template")
-    add_engine_options(p)
+    EngineArgs.add_cli_args(p)
     add_sampling_options(p, max_tokens=512)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
@@ -247,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the model over an OpenAI-compatible HTTP API with continuous batching. "
         "SIGTERM stops admission, lets in-flight requests finish, and exits 0.",
     )
-    add_engine_options(p, positional_model=True)
+    EngineArgs.add_cli_args(p, positional_model=True, slo_tpot=DEFAULT_SERVE_SLO_TPOT)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default: 8000)")
@@ -293,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("throughput", help="offline throughput on a fixed synthetic workload")
-    add_engine_options(p)
+    EngineArgs.add_cli_args(p)
     p.add_argument("--num-prompts", type=int, default=64, help="requests in the workload (default: 64)")
     p.add_argument("--min-input-len", type=int, default=64, help="shortest prompt (default: 64)")
     p.add_argument("--max-input-len", type=int, default=512, help="longest prompt (default: 512)")

@@ -8,6 +8,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from tokenmill.formats import WeightFormat
 from tokenmill.layers.quantization import PackedWeight, dequantize
 
 # Below this many activation rows the kernel decodes each weight block in registers for every row (a step
@@ -55,7 +56,7 @@ class QuantLinear:
         w, k = self.weight, self.kernels
         if k is None:
             y = F.linear(x, dequantize(w))
-        elif w.format == "q4":
+        elif w.format == WeightFormat.Q4:
             y = k.q4_linear(x, w.codes, w.scales, w.mins, GEMM_MIN_ROWS, GEMM_TILE_BYTES)
         else:
             y = k.q8_linear(x, w.codes, w.scales, GEMM_MIN_ROWS, GEMM_TILE_BYTES)
@@ -65,7 +66,7 @@ class QuantLinear:
         part = self.weight.rows(ids)
         if self.kernels is None:
             return dequantize(part)
-        if part.format == "q4":
+        if part.format == WeightFormat.Q4:
             return self.kernels.q4_dequantize(part.codes, part.scales, part.mins)
         return self.kernels.q8_dequantize(part.codes, part.scales)
 

@@ -1,4 +1,5 @@
-"""GGUF files: metadata -> ModelConfig, tensors -> torch (dequantized with the `gguf` package).
+"""GGUF files: metadata -> ModelConfig, tensors -> torch (dequantized with the `gguf` package, or with
+`packed`, quantized blocks repacked into the layers' packed formats: `pack_gguf`).
 
 Tensors come out under Hugging Face names so that one weight-loading path serves GGUF and HF models.
 llama.cpp's converter permutes Llama Q/K rows for its interleaved rotary layout; we undo that here so the
@@ -15,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
-from gguf.quants import dequantize
+from gguf.quants import Q4_K, dequantize
 
-from tokenmill.layers.quantization import NATIVE_GGUF_FORMATS, PackedWeight, pack_gguf, quantize
+from tokenmill.formats import WeightFormat
+from tokenmill.layers.quantization import BLOCK, PackedWeight, quantize
 from tokenmill.models.model_config import ModelConfig
 
 Q = GGMLQuantizationType
@@ -25,6 +27,14 @@ SUPPORTED_TYPES = {
     Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
 }  # fmt: skip
 _FLOAT_TYPES = {Q.F32, Q.F16, Q.BF16}
+# GGUF block types whose bytes the packed formats hold as they are (Q4_K: up to the fp16 rounding of its
+# sub-block scales), so they load without a detour through fp32.
+NATIVE_GGUF_FORMATS = {
+    Q.Q4_0: WeightFormat.Q4,
+    Q.Q4_1: WeightFormat.Q4,
+    Q.Q4_K: WeightFormat.Q4,
+    Q.Q8_0: WeightFormat.Q8,
+}
 SUPPORTED_ARCHITECTURES = {"llama", "qwen2", "mistral"}
 _PERMUTED_ARCHITECTURES = {"llama", "mistral"}  # llama.cpp's converter permutes Q/K only for these
 
@@ -155,9 +165,51 @@ class GGUFModel:
                 array = _unpermute(array, heads)
             tensor = torch.from_numpy(np.ascontiguousarray(array))
             if packed and len(shape) == 2 and qtype not in _FLOAT_TYPES:
-                yield hf_name, quantize(tensor, "q8")
+                yield hf_name, quantize(tensor, WeightFormat.Q8)
             else:
                 yield hf_name, tensor
+
+
+def pack_gguf(raw: np.ndarray, qtype: GGMLQuantizationType, rows: int, cols: int) -> PackedWeight:
+    """Repack a GGUF tensor's raw blocks ([rows, bytes per row] uint8) without going through fp32."""
+    if cols % BLOCK:
+        raise ValueError(f"row length {cols} is not a multiple of {BLOCK}")
+    raw = np.ascontiguousarray(raw).reshape(rows, -1)
+    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0):
+        size = {Q.Q4_0: 18, Q.Q4_1: 20, Q.Q8_0: 34}[qtype]
+        blocks = raw.reshape(rows, cols // BLOCK, size)
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+        if qtype == Q.Q8_0:
+            codes = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)
+            return PackedWeight(WeightFormat.Q8, torch.from_numpy(codes), torch.from_numpy(d))
+        if qtype == Q.Q4_0:
+            m = (d.astype(np.float32) * -8).astype(np.float16)  # exact: a power-of-two multiple
+            qs = blocks[..., 2:]
+        else:
+            m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
+            qs = blocks[..., 4:]
+        codes = np.ascontiguousarray(qs).reshape(rows, cols // 2)
+        return PackedWeight(
+            WeightFormat.Q4, torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(m)
+        )
+    if qtype == Q.Q4_K:
+        blocks = raw.reshape(-1, 144)  # super-blocks of 256: d, dmin, 12 bytes of 6-bit scales, 128 bytes qs
+        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+        dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+        sc, mn = Q4_K.get_scale_min(blocks[:, 4:16].copy())
+        scales = (d * sc.astype(np.float32)).astype(np.float16)  # [blocks, 8]
+        mins = (-dmin * mn.astype(np.float32)).astype(np.float16)
+        # each 32 bytes of qs hold sub-block 2j (low nibbles) and 2j+1 (high nibbles), element by element
+        qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        q = (qs & 0x0F).reshape(-1, 8, 32)
+        codes = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8).reshape(rows, cols // 2)
+        return PackedWeight(
+            WeightFormat.Q4,
+            torch.from_numpy(codes),
+            torch.from_numpy(scales.reshape(rows, -1)),
+            torch.from_numpy(mins.reshape(rows, -1)),
+        )
+    raise ValueError(f"GGUF type {qtype.name} has no native packed format")
 
 
 def _hf_name(gguf_name: str) -> str | None:

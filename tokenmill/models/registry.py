@@ -9,6 +9,7 @@ from typing import Literal
 
 import torch
 
+from tokenmill.formats import WeightFormat
 from tokenmill.layers.cpu_kernels import load_cpu_kernels
 from tokenmill.layers.ops import TorchOps, make_ops
 from tokenmill.layers.quantization import PackedWeight
@@ -35,14 +36,17 @@ class LoadedModel:
     max_model_len: int
 
 
-def resolve_weight_mode(mode: str, source: ModelSource, ops: TorchOps, dtype: torch.dtype) -> str:
-    """'auto' runs a GGUF's quantized weights natively where the kernels can (C++ ops, fp32 activations)
+def resolve_weight_mode(
+    mode: WeightFormat | str, source: ModelSource, ops: TorchOps, dtype: torch.dtype
+) -> WeightFormat:
+    """AUTO runs a GGUF's quantized weights natively where the kernels can (C++ ops, fp32 activations)
     and dequantizes them elsewhere; float checkpoints stay dense. Other modes are taken as asked."""
-    if mode != "auto":
+    mode = WeightFormat.parse(mode)
+    if mode != WeightFormat.AUTO:
         return mode
     if source.kind == "gguf" and ops.module is not None and dtype == torch.float32:
-        return "auto"
-    return "dense"
+        return WeightFormat.AUTO
+    return WeightFormat.DENSE
 
 
 def load_model(
@@ -50,7 +54,7 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     max_model_len: int | None = None,
-    weights: str = "auto",
+    weights: WeightFormat | str = WeightFormat.AUTO,
     cache_root: Path | None | Literal["default"] = "default",
     kernels: str = "auto",
 ) -> LoadedModel:
@@ -61,7 +65,7 @@ def load_model(
         cache_root = default_cache_root()
     ops = make_ops(kernels, device, dtype, load_cpu_kernels)
     mode = resolve_weight_mode(weights, source, ops, dtype)
-    if source.kind == "gguf" and mode != "dense":  # packed weights: through the on-disk cache
+    if source.kind == "gguf" and mode != WeightFormat.DENSE:  # packed weights: through the on-disk cache
         converted = load_converted_gguf(source.path, cache_root)
         config, tokenizer = converted.config, converted.tokenizer
         tensors: Iterable[tuple[str, torch.Tensor | PackedWeight]] = converted.tensors.items()

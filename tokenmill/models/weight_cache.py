@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from tokenmill.formats import WeightFormat
 from tokenmill.layers.quantization import PackedWeight
 from tokenmill.models.gguf import GGUFModel
 from tokenmill.models.model_config import ModelConfig
@@ -105,7 +106,7 @@ def write_entry(entry: Path, model: ConvertedModel, source_sha256: str) -> None:
         kinds: dict[str, str] = {}
         tensors: dict[str, list[torch.Tensor]] = {}
         for name, t in model.tensors.items():
-            kinds[name] = t.format if isinstance(t, PackedWeight) else "dense"
+            kinds[name] = (t.format if isinstance(t, PackedWeight) else WeightFormat.DENSE).value
             tensors[name] = [x.contiguous() for x in t.tensors()] if isinstance(t, PackedWeight) else [t]
         torch.save(tensors, tmp / _WEIGHTS)
         manifest = {
@@ -143,7 +144,7 @@ def read_entry(entry: Path, source_sha256: str) -> ConvertedModel:
         tensors: dict[str, torch.Tensor | PackedWeight] = {}
         for name, kind in manifest["tensors"].items():
             parts = stored[name]
-            tensors[name] = parts[0] if kind == "dense" else PackedWeight(kind, *parts)
+            tensors[name] = parts[0] if kind == WeightFormat.DENSE else PackedWeight(kind, *parts)
         config = ModelConfig(**manifest["config"])
         tokenizer = Tokenizer.from_dict(manifest["tokenizer"])
     except CacheError:

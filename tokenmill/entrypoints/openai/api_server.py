@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tokenmill
 from tokenmill.engine.async_engine import AsyncLLMEngine
+from tokenmill.engine_args import EngineArgs
 from tokenmill.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -247,9 +248,8 @@ class _Server(uvicorn.Server):
 
 
 def run_server(args: argparse.Namespace) -> int:
-    """`tokenmill serve`: load the model, serve until SIGTERM/SIGINT, then drain and exit 0."""
-    from tokenmill.entrypoints.cli import engine_kwargs
-
+    """`tokenmill serve`: load the model, serve until SIGTERM/SIGINT, then drain and exit 0. `args`: the
+    engine options (EngineArgs.add_cli_args) and the server's (host, port, max_waiting, ...)."""
     log_level = getattr(args, "log_level", "info")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     max_waiting = getattr(args, "max_waiting", None)
@@ -258,7 +258,8 @@ def run_server(args: argparse.Namespace) -> int:
     shutdown_timeout = float(getattr(args, "shutdown_timeout", 30.0))
 
     logger.info("loading model %s", args.model or "(default)")
-    engine = AsyncLLMEngine.from_engine_args(args.model, max_waiting=max_waiting, **engine_kwargs(args))
+    config = EngineArgs.from_cli_args(args).to_engine_config()
+    engine = AsyncLLMEngine.from_config(config, max_waiting=max_waiting)
     cfg = engine.config
     logger.info(
         "model %s (%s) dtype=%s device=%s context=%d tokens; KV cache: %d tokens (%d blocks of %d), %d bytes (%s)",

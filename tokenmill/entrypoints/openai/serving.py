@@ -53,6 +53,7 @@ from tokenmill.entrypoints.openai.protocol import (
     TokenizeResponse,
     UsageInfo,
 )
+from tokenmill.errors import AdmissionError
 from tokenmill.metrics import Metrics
 from tokenmill.models.tokenizer import _bytes_to_unicode
 from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprobs
@@ -66,7 +67,6 @@ _OFFLOAD_CHARS = 8192  # tokenize/render texts longer than this in a worker thre
 _DISCONNECT_POLL_S = 0.25
 _BYTE_DECODER = {ch: b for b, ch in _bytes_to_unicode().items()}
 _SP_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-_SAMPLING_FIELDS = {f for f in SamplingParams.__dataclass_fields__}
 
 
 class ApiError(Exception):
@@ -99,31 +99,20 @@ def internal_error() -> ApiError:
     return ApiError(500, "Internal server error", type="server_error", code="internal_error")
 
 
-def value_error(
-    exc: ValueError, prompt_param: str = "prompt", max_tokens_param: str = "max_tokens"
-) -> ApiError:
-    """An engine/SamplingParams ValueError as a 400 naming the parameter it is about."""
-    message = str(exc)
-    first = re.split(r"[\s=]", message, maxsplit=1)[0]
-    code = None
-    if message.startswith("prompt has"):
-        param, code = prompt_param, "context_length_exceeded"
-    elif message.startswith("prompt (") or first == "max_tokens":
-        param = max_tokens_param
-        message = message.replace("max_tokens", max_tokens_param)
-        code = "context_length_exceeded" if "context" in message or "KV cache" in message else None
-    elif first in _SAMPLING_FIELDS:
-        param = first
-    elif message.startswith("prompt"):
-        param = prompt_param
-    else:
-        param = None
-    return ApiError(400, message, param=param, code=code)
+def invalid_request(exc: AdmissionError, aliases: dict[str, str] | None = None) -> ApiError:
+    """An AdmissionError as a 400 naming its parameter, under the name this endpoint gives it (`aliases`:
+    engine name -> request field, e.g. chat's prompt -> messages, max_tokens -> max_completion_tokens)."""
+    param = (aliases or {}).get(exc.param, exc.param)
+    message = exc.message
+    if param != exc.param and exc.param == "max_tokens":
+        message = message.replace(exc.param, param)  # the message speaks of the field the client sent
+    return ApiError(400, message, param=param, code=exc.code)
 
 
-def admission_error(exc: BaseException, metrics: Metrics, **kwargs: str) -> ApiError:
-    if isinstance(exc, ValueError):
-        return value_error(exc, **kwargs)
+def admission_error(exc: BaseException, metrics: Metrics, aliases: dict[str, str] | None = None) -> ApiError:
+    """The answer to a request the engine did not admit, by the error's type."""
+    if isinstance(exc, AdmissionError):
+        return invalid_request(exc, aliases)
     if isinstance(exc, QueueFullError):
         metrics.record_rejected()
         return ApiError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded")
@@ -328,25 +317,30 @@ class OpenAIServing:
             raise ApiError(400, f"min_tokens must be <= {max_tokens_param}", param="min_tokens")
         try:
             return SamplingParams(**kwargs)
-        except ValueError as exc:
-            raise value_error(exc, max_tokens_param=max_tokens_param) from None
+        except AdmissionError as exc:
+            raise invalid_request(exc, {"max_tokens": max_tokens_param}) from None
 
     def _default_max_tokens(self, num_prompt_tokens: int) -> int:
         """As many new tokens as fit; if none do, 1 so that the engine reports why."""
         return max(self.token_limit - num_prompt_tokens, 1)
 
     async def _admit(
-        self, prompts: list[list[int]], params: list[SamplingParams], request_id: str, **error_kwargs: str
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        request_id: str,
+        aliases: dict[str, str] | None = None,
     ) -> list[_Tracked]:
+        """Admit one engine request per prompt, all or none. `aliases`: see invalid_request."""
         tracked: list[_Tracked] = []
         try:
             for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
                 stream = await self.engine.add_request({"prompt_token_ids": ids}, p, f"{request_id}-{i}")
                 tracked.append(_Tracked(stream))
-        except (ValueError, QueueFullError, EngineShuttingDownError, EngineDeadError) as exc:
+        except (AdmissionError, QueueFullError, EngineShuttingDownError, EngineDeadError) as exc:
             for t in tracked:
                 t.stream.abort()
-            raise admission_error(exc, self.metrics, **error_kwargs) from None
+            raise admission_error(exc, self.metrics, aliases) from None
         except BaseException:
             for t in tracked:
                 t.stream.abort()
@@ -690,7 +684,7 @@ class OpenAIServing:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         tracked = await self._admit(
-            [ids], [params], request_id, prompt_param="messages", max_tokens_param=max_param
+            [ids], [params], request_id, {"prompt": "messages", "max_tokens": max_param}
         )
         if req.stream:
             return self._streaming_response(self._stream_chat(req, request_id, created, tracked), tracked)

@@ -1,0 +1,14 @@
+"""The sampler's per-row view of the engine's sequences."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenmill.engine.sequence import Sequence
+from tokenmill.layers.sampler import SamplingRow
+
+
+def rows_from_seqs(seqs: Iterable[Sequence]) -> list[SamplingRow]:
+    """One SamplingRow per sequence, in order. The rows share the sequences' token lists (no copy): use them
+    before the sequences change."""
+    return [SamplingRow(s.params, s.generator, s.token_ids, s.num_prompt_tokens) for s in seqs]

@@ -1,0 +1,140 @@
+"""EngineArgs: the engine's command-line options, declared once for every command that loads a model
+(`tokenmill generate | chat | serve | bench throughput`) and turned into an EngineConfig.
+
+    parser = argparse.ArgumentParser(); EngineArgs.add_cli_args(parser)
+    config = EngineArgs.from_cli_args(parser.parse_args()).to_engine_config()
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenmill.config import CPU_ISAS, KERNELS, EngineConfig, default_cpu_isa
+from tokenmill.formats import WeightFormat
+
+_MODEL_HELP = "a .gguf file, a Hugging Face folder, or an alias (default: the embedded SmolLM2-135M-Instruct)"
+
+
+@dataclass
+class EngineArgs:
+    """EngineConfig's options as the command line gives them (defaults: EngineConfig's)."""
+
+    model: str | None = EngineConfig.model
+    dtype: str = EngineConfig.dtype
+    weights: str = EngineConfig.weights.value
+    device: str = EngineConfig.device
+    kv_cache_memory: int | str = EngineConfig.kv_cache_memory
+    block_size: int = EngineConfig.block_size
+    max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens
+    max_num_seqs: int = EngineConfig.max_num_seqs
+    max_model_len: int | None = EngineConfig.max_model_len
+    enable_prefix_caching: bool = EngineConfig.enable_prefix_caching
+    threads: int | None = EngineConfig.threads
+    kernels: str = EngineConfig.kernels
+    cpu_isa: str = field(default_factory=default_cpu_isa)
+    slo_tpot: float | None = EngineConfig.slo_tpot
+
+    @classmethod
+    def add_cli_args(
+        cls,
+        parser: argparse.ArgumentParser,
+        positional_model: bool = False,
+        slo_tpot: float | None = None,
+    ) -> argparse.ArgumentParser:
+        """Add the engine options (an "engine" group) to `parser`; `positional_model`: MODEL is a positional
+        argument (`tokenmill serve MODEL`) instead of --model/-m. `slo_tpot`: the default TPOT target (the
+        server keeps one, so its steps stay inside it; offline runs default to none: throughput first)."""
+        d = cls()
+        g = parser.add_argument_group("engine")
+        if positional_model:
+            g.add_argument("model", nargs="?", default=d.model, help=_MODEL_HELP)
+        else:
+            g.add_argument("--model", "-m", default=d.model, help=_MODEL_HELP)
+        g.add_argument(
+            "--dtype",
+            default=d.dtype,
+            help=f"weights/activations dtype: float32, bfloat16, float16 (default: {d.dtype})",
+        )
+        g.add_argument(
+            "--weights",
+            default=d.weights,
+            choices=[f.value for f in WeightFormat],
+            help="weight format: auto runs a GGUF's quantized weights natively on the CPU; dense dequantizes to "
+            f"--dtype; q4/q8 convert every linear weight to 4/8-bit blocks (default: {d.weights})",
+        )
+        g.add_argument(
+            "--device", default=d.device, help=f"torch device, e.g. cpu or cuda (default: {d.device})"
+        )
+        g.add_argument(
+            "--kv-cache-memory",
+            default=d.kv_cache_memory,
+            help="bytes for the KV cache, e.g. 512MiB or 2GiB (default: 2GiB)",
+        )
+        g.add_argument(
+            "--block-size",
+            type=int,
+            default=d.block_size,
+            help=f"tokens per KV block (default: {d.block_size})",
+        )
+        g.add_argument(
+            "--max-num-batched-tokens",
+            type=int,
+            default=d.max_num_batched_tokens,
+            help=f"token budget of one step: prompt chunks + decodes (default: {d.max_num_batched_tokens})",
+        )
+        g.add_argument(
+            "--max-num-seqs",
+            type=int,
+            default=d.max_num_seqs,
+            help=f"sequences running at once (default: {d.max_num_seqs})",
+        )
+        g.add_argument(
+            "--max-model-len", type=int, default=d.max_model_len, help="context length (default: the model's)"
+        )
+        g.add_argument(
+            "--no-prefix-caching",
+            dest="enable_prefix_caching",
+            action="store_false",
+            help="turn off automatic prefix caching",
+        )
+        g.add_argument("--threads", type=int, default=d.threads, help="CPU threads (default: physical cores)")
+        g.add_argument(
+            "--kernels",
+            default=d.kernels,
+            choices=KERNELS,
+            help="implementation of the model's ops: torch, cpp (the C++ CPU kernels), or auto: cpp where it "
+            f"builds, for float32 on the CPU (default: {d.kernels})",
+        )
+        g.add_argument(
+            "--cpu-isa",
+            default=d.cpu_isa,
+            choices=CPU_ISAS,
+            help="instruction set the C++ kernels are built for; auto: the best this CPU has "
+            "(default: $TOKENMILL_CPU_ISA, else auto)",
+        )
+        g.add_argument(
+            "--slo-tpot",
+            type=float,
+            default=slo_tpot,
+            help="target seconds per output token: each step carries at most as many tokens as its measured "
+            "cost per token keeps inside it (Sarathi-Serve), never more than --max-num-batched-tokens "
+            f"(default: {slo_tpot if slo_tpot is not None else 'none: always --max-num-batched-tokens'})",
+        )
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        """The engine options of parsed arguments (other attributes of `args` are ignored)."""
+        return cls(
+            **{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+        )
+
+    def config_kwargs(self) -> dict[str, Any]:
+        """The options as EngineConfig keyword arguments."""
+        return dataclasses.asdict(self)
+
+    def to_engine_config(self) -> EngineConfig:
+        return EngineConfig(**self.config_kwargs())
