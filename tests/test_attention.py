@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.kv.cache import LayerKV, dequantize_int8, quantize_int8
 from tokenmill.layers.attention import (
     AttentionRow,
     PagedAttention,
@@ -53,7 +54,7 @@ def test_cpu_kernel_matches_reference_with_lse(rows_case):
     assert kernels is not None, "the C++ attention kernel failed to build"
     q, k_cache, v_cache, tables, seq_lens, qsl, group = rows_case
     scale = q.shape[-1] ** -0.5
-    out, lse = kernels.paged_attention(q, k_cache, v_cache, tables, seq_lens, qsl, scale, True)
+    out, lse = kernels.paged_attention(q, k_cache, v_cache, None, None, tables, seq_lens, qsl, scale, True)
     ref_out, ref_lse = reference_rows(q, k_cache, v_cache, tables, seq_lens, qsl, group, scale)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
@@ -63,7 +64,7 @@ def test_torch_paged_path_matches_reference(rows_case):
     q, k_cache, v_cache, tables, seq_lens, qsl, group = rows_case
     h, d = q.shape[1], q.shape[2]
     attn = PagedAttention(h, h // group, d, kernel=None)
-    out, lse = attn.paged(q, k_cache, v_cache, tables, seq_lens, qsl, return_lse=True)
+    out, lse = attn.paged(q, LayerKV(k_cache, v_cache), tables, seq_lens, qsl, return_lse=True)
     ref_out, ref_lse = reference_rows(q, k_cache, v_cache, tables, seq_lens, qsl, group, d**-0.5)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
@@ -110,7 +111,7 @@ def test_long_chunk_over_cached_prefix_matches_reference(kernel):
     k_new = k_cache[slots // bs, :, slots % bs]
     v_new = v_cache[slots // bs, :, slots % bs]
     attn = PagedAttention(hkv * group, hkv, d, kernel=load_cpu_kernels().paged_attention if kernel else None)
-    out, lse = attn(q, k_new, v_new, k_cache, v_cache, meta, return_lse=True)
+    out, lse = attn(q, k_new, v_new, LayerKV(k_cache, v_cache), meta, return_lse=True)
     qsl = torch.tensor([0, n])
     ref_out, ref_lse = reference_rows(
         q, k_cache, v_cache, torch.tensor([table]), torch.tensor([cached + n]), qsl, group, d**-0.5
@@ -149,3 +150,52 @@ def test_bad_kernel_choice_is_a_clear_error():
 
     with pytest.raises(ValueError, match="kernels must be one of"):
         EngineConfig(kernels="fast")
+
+
+# ---- int8 KV blocks ---------------------------------------------------------------------------------------
+def test_int8_quantization_error_is_within_half_a_step():
+    x = torch.randn(50, 3, 64, generator=torch.Generator().manual_seed(3)) * 4
+    codes, scale = quantize_int8(x)
+    assert codes.dtype == torch.int8 and scale.shape == (50, 3)
+    err = (dequantize_int8(codes, scale) - x).abs()
+    assert bool((err <= scale.unsqueeze(-1) / 2 + 1e-6).all())
+    zeros_codes, zeros_scale = quantize_int8(torch.zeros(2, 8))
+    assert zeros_codes.abs().sum() == 0 and zeros_scale.abs().sum() == 0
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_int8_paged_attention_reads_packed_blocks(rows_case, kernel):
+    """The packed int8 kernel equals plain attention over the dequantized cache."""
+    q, k_cache, v_cache, tables, seq_lens, qsl, group = rows_case
+    (kc, ks), (vc, vs) = quantize_int8(k_cache), quantize_int8(v_cache)
+    h, d = q.shape[1], q.shape[2]
+    attn = PagedAttention(h, h // group, d, kernel=load_cpu_kernels().paged_attention if kernel else None)
+    out, lse = attn.paged(q, LayerKV(kc, vc, ks, vs), tables, seq_lens, qsl, return_lse=True)
+    ref_out, ref_lse = reference_rows(
+        q, dequantize_int8(kc, ks), dequantize_int8(vc, vs), tables, seq_lens, qsl, group, d**-0.5
+    )
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_int8_quantize_on_write_matches_the_torch_quantizer():
+    """The fused rotary + KV write quantizes exactly as kv/cache.py does (codes may differ by one step where
+    x / scale lands on a rounding tie under different division rounding)."""
+    kernels = load_cpu_kernels()
+    g = torch.Generator().manual_seed(4)
+    t, h, hkv, d, bs = 7, 6, 2, 32, 4
+    qkv = torch.randn(t, (h + 2 * hkv) * d, generator=g)
+    cos, sin = torch.ones(t, d // 2), torch.zeros(t, d // 2)  # identity rotation
+    slots = torch.tensor([0, 5, 6, 9, 3, -1, 12])
+    kc = torch.zeros(4, hkv, bs, d, dtype=torch.int8)
+    vc = torch.zeros_like(kc)
+    ks, vs = torch.zeros(4, hkv, bs), torch.zeros(4, hkv, bs)
+    expected = LayerKV(kc.clone(), vc.clone(), ks.clone(), vs.clone())
+    keys = qkv[:, h * d : (h + hkv) * d].reshape(t, hkv, d).clone()
+    values = qkv[:, (h + hkv) * d :].reshape(t, hkv, d).clone()
+    expected.write(keys, values, slots)
+    kernels.rope_kv_write(qkv, cos, sin, kc, vc, ks, vs, slots, h, hkv)
+    torch.testing.assert_close(ks, expected.k_scale)
+    torch.testing.assert_close(vs, expected.v_scale)
+    assert (kc.int() - expected.k.int()).abs().max() <= 1
+    assert (vc.int() - expected.v.int()).abs().max() <= 1

@@ -82,7 +82,7 @@ def test_positions_are_independent_of_slots(tiny_model_dir):
         return seq.block_table[i // bs] * bs + i % bs
 
     kv.move_slots(torch.tensor([phys(i) for i in range(3, 19)]), torch.tensor([phys(i) for i in range(16)]))
-    k_layer0, _ = kv.layer(0)
+    k_layer0 = kv.layer(0).k
     before = k_layer0[6, :, 0].clone()  # held slot 16 = block 6 offset 0: stale after the compaction
     step = runner.execute(ScheduledBatch([ScheduledSeq(seq, 1)]))
     assert step.logits.shape[0] == 1 and torch.isfinite(step.logits).all()
@@ -135,4 +135,42 @@ def test_kv_cache_sizes_itself_in_bytes():
     torch.testing.assert_close(got_k[:, 4], k[1])
     torch.testing.assert_close(got_v[:, 4], 2 * k[1])
     cache.move_slots(torch.tensor([13]), torch.tensor([2]))
-    torch.testing.assert_close(cache.layer(1)[0][0, :, 2], k[2])
+    torch.testing.assert_close(cache.layer(1).k[0, :, 2], k[2])
+
+
+def test_int8_kv_admits_more_tokens_and_stays_close(tiny_model_dir):
+    """int8 blocks in the same bytes: ~3.8x the blocks (64-dim heads); prefix-cache keys differ by format;
+    logits over a prompt and decode rows stay close to the fp32 cache's."""
+    full = LLM(str(tiny_model_dir), kv_cache_memory="8MiB", kernels="cpp")
+    int8 = LLM(str(tiny_model_dir), kv_cache_memory="8MiB", kernels="cpp", kv_cache_dtype="int8")
+    ratio = int8.engine.block_manager.num_blocks / full.engine.block_manager.num_blocks
+    head_dim = full.engine.model_config.head_dim
+    assert ratio == pytest.approx(4 * head_dim / (head_dim + 4), rel=0.01)
+    assert int8.engine.block_manager.root_hash != full.engine.block_manager.root_hash
+    ids = [(5 * i) % 700 + 3 for i in range(40)]
+    logits = []
+    for llm in (full, int8):
+        seq = _runner_sequence([0, 1, 2], ids[:30])
+        llm.engine.runner.execute(ScheduledBatch([ScheduledSeq(seq, 30)]))
+        seq.num_computed_tokens, seq.token_ids = 30, list(ids)
+        logits.append(
+            llm.engine.runner.execute(ScheduledBatch([ScheduledSeq(seq, 10, extra_logits=9)])).logits
+        )
+    rel = (logits[0] - logits[1]).norm() / logits[0].norm()
+    assert 0 < rel < 0.05
+    out = int8.generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 24 for o in out)
+
+
+def test_int8_kv_torch_and_cpp_paths_agree(tiny_model_dir):
+    runs = []
+    for kernels in ("cpp", "torch"):
+        llm = LLM(str(tiny_model_dir), kv_cache_memory="8MiB", kernels=kernels, kv_cache_dtype="int8")
+        seq = _runner_sequence([3, 1], [(7 * i) % 600 + 9 for i in range(20)])
+        runs.append(
+            llm.engine.runner.execute(ScheduledBatch([ScheduledSeq(seq, 20, extra_logits=19)])).logits
+        )
+        seq.num_computed_tokens, seq.token_ids = 20, seq.token_ids + [17, 18]
+        runs.append(llm.engine.runner.execute(ScheduledBatch([ScheduledSeq(seq, 2, extra_logits=1)])).logits)
+    torch.testing.assert_close(runs[0], runs[2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(runs[1], runs[3], atol=2e-3, rtol=2e-3)

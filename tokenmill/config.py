@@ -19,6 +19,7 @@ _DTYPES = {
 }
 
 DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3  # bytes; ~46k tokens of SmolLM2-135M KV in fp32
+KV_CACHE_DTYPES = ("auto", "int8")  # kv/cache.py implements them; listed here so config imports no layer
 KERNELS = ("auto", "torch", "cpp")  # which implementation of the model's ops runs
 CPU_ISAS = ("auto", "portable", "avx2", "avx512")  # which instruction set the C++ kernels are built for
 
@@ -102,6 +103,7 @@ class EngineConfig:
     # The instruction set the C++ kernels are built for; auto: the best this CPU has.
     cpu_isa: str = field(default_factory=default_cpu_isa)
     slo_tpot: float | None = None  # seconds per output token to keep steps within (engine/step_budget.py)
+    kv_cache_dtype: str = "auto"  # auto (the activations' dtype) | int8: how K/V are stored (kv/cache.py)
 
     def __post_init__(self) -> None:
         self.torch_dtype = parse_dtype(self.dtype)
@@ -115,6 +117,10 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
         if self.slo_tpot is not None and not (isinstance(self.slo_tpot, (int, float)) and self.slo_tpot > 0):
             raise ValueError(f"slo_tpot must be a positive number of seconds, got {self.slo_tpot!r}")
         self.weights = WeightFormat.parse(self.weights)

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenmill.config import CPU_ISAS, KERNELS, EngineConfig, default_cpu_isa
+from tokenmill.config import CPU_ISAS, KERNELS, KV_CACHE_DTYPES, EngineConfig, default_cpu_isa
 from tokenmill.formats import WeightFormat
 
 _MODEL_HELP = "a .gguf file, a Hugging Face folder, or an alias (default: the embedded SmolLM2-135M-Instruct)"
@@ -36,6 +36,7 @@ class EngineArgs:
     kernels: str = EngineConfig.kernels
     cpu_isa: str = field(default_factory=default_cpu_isa)
     slo_tpot: float | None = EngineConfig.slo_tpot
+    kv_cache_dtype: str = EngineConfig.kv_cache_dtype
 
     @classmethod
     def add_cli_args(
@@ -114,6 +115,14 @@ class EngineArgs:
             choices=CPU_ISAS,
             help="instruction set the C++ kernels are built for; auto: the best this CPU has "
             "(default: $TOKENMILL_CPU_ISA, else auto)",
+        )
+        g.add_argument(
+            "--kv-cache-dtype",
+            default=d.kv_cache_dtype,
+            choices=KV_CACHE_DTYPES,
+            help="how K/V are stored: auto (the activations' dtype) or int8 (one scale per token and head, "
+            "quantized on write, attended from the packed blocks; --kv-cache-memory then holds ~3.8x the tokens) "
+            f"(default: {d.kv_cache_dtype})",
         )
         g.add_argument(
             "--slo-tpot",

@@ -48,7 +48,14 @@ class LLMEngine:
         self.tokenizer: Tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len
         c = self.model_config
-        spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, config.block_size, config.torch_dtype)
+        spec = KVCacheSpec(
+            c.num_layers,
+            c.num_kv_heads,
+            c.head_dim,
+            config.block_size,
+            config.torch_dtype,
+            config.kv_cache_dtype,
+        )
         self.kv_bytes_per_token = spec.bytes_per_token
         num_blocks = spec.blocks_for_memory(config.kv_cache_memory)
         if num_blocks < 1:

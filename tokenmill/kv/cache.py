@@ -16,7 +16,67 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.config import KV_CACHE_DTYPES
+
 _FORMAT_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+INT8_MAX = 127.0
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 over the last dimension: one fp32 scale per vector (per token and head).
+    The C++ KV write computes the same codes (amax / 127, x / scale rounded half to even)."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1) / INT8_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(x / safe.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return codes, scale
+
+
+def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return codes.float() * scale.unsqueeze(-1)
+
+
+@dataclass
+class LayerKV:
+    """One layer's K and V, `[num_blocks, num_kv_heads, block_size, head_dim]` views of the cache, with the
+    per-(token, head) scales `[num_blocks, num_kv_heads, block_size]` of a quantized format (else None)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store k, v `[T, num_kv_heads, head_dim]` at their slots (negative: skipped), quantizing on write."""
+        keep = slot_mapping >= 0
+        if not bool(keep.all()):
+            k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+        bs = self.block_size
+        blocks, offsets = slot_mapping // bs, slot_mapping % bs
+        if self.quantized:
+            (kc, ks), (vc, vs) = quantize_int8(k), quantize_int8(v)
+            self.k[blocks, :, offsets], self.k_scale[blocks, :, offsets] = kc, ks
+            self.v[blocks, :, offsets], self.v_scale[blocks, :, offsets] = vc, vs
+        else:
+            self.k[blocks, :, offsets] = k.to(self.k.dtype)
+            self.v[blocks, :, offsets] = v.to(self.v.dtype)
+
+    def blocks(self, block_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the given blocks `[..., num_kv_heads, block_size, head_dim]` in `dtype`: the torch
+        reference path's read (a copy; the C++ kernels read packed blocks in place)."""
+        if self.quantized:
+            k = dequantize_int8(self.k[block_ids], self.k_scale[block_ids])
+            v = dequantize_int8(self.v[block_ids], self.v_scale[block_ids])
+            return k.to(dtype), v.to(dtype)
+        return self.k[block_ids], self.v[block_ids]
 
 
 @dataclass(frozen=True)
@@ -27,17 +87,33 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     block_size: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the activations' dtype: what attention computes in
+    cache_dtype: str = "auto"  # auto (store in `dtype`) | int8 (one fp32 scale per token and head)
+
+    def __post_init__(self) -> None:
+        if self.cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.cache_dtype!r}"
+            )
 
     @property
     def format(self) -> str:
         """Name of the element format; part of the prefix-cache key, since blocks differ by format."""
+        if self.cache_dtype != "auto":
+            return self.cache_dtype
         return _FORMAT_NAMES.get(self.dtype, str(self.dtype))
 
     @property
+    def quantized(self) -> bool:
+        return self.cache_dtype == "int8"
+
+    @property
     def bytes_per_token(self) -> int:
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * element
+        if self.quantized:  # an int8 code per element and an fp32 scale per (token, head)
+            per_head = self.head_dim + 4
+        else:
+            per_head = self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * 2 * self.num_kv_heads * per_head
 
     @property
     def bytes_per_block(self) -> int:
@@ -61,7 +137,16 @@ class KVCache:
         self.num_blocks = num_blocks
         self.device = device
         shape = (spec.num_layers, 2, num_blocks, spec.num_kv_heads, spec.block_size, spec.head_dim)
-        self.data = (torch.zeros if zero else torch.empty)(shape, dtype=spec.dtype, device=device)
+        alloc = torch.zeros if zero else torch.empty
+        self.data = alloc(shape, dtype=torch.int8 if spec.quantized else spec.dtype, device=device)
+        # per-(token, head) scales of a quantized format: [layers, 2, num_blocks, num_kv_heads, block_size]
+        self.scales = alloc(shape[:-1], dtype=torch.float32, device=device) if spec.quantized else None
+        self._layers = [
+            LayerKV(self.data[i, 0], self.data[i, 1])
+            if self.scales is None
+            else LayerKV(self.data[i, 0], self.data[i, 1], self.scales[i, 0], self.scales[i, 1])
+            for i in range(spec.num_layers)
+        ]
 
     @property
     def block_size(self) -> int:
@@ -69,28 +154,24 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        scales = 0 if self.scales is None else self.scales.numel() * 4
+        return self.data.numel() * self.data.element_size() + scales
 
-    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, V) of one layer, each `[num_blocks, num_kv_heads, block_size, head_dim]`, views of the cache."""
-        return self.data[index, 0], self.data[index, 1]
+    def layer(self, index: int) -> LayerKV:
+        """One layer's K and V (and scales), views of the cache."""
+        return self._layers[index]
 
     # ---- writes ---------------------------------------------------------------------------------
     def write(self, index: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store k, v `[T, num_kv_heads, head_dim]` of layer `index` at their slots (negative: skipped)."""
-        k_cache, v_cache = self.layer(index)
-        keep = slot_mapping >= 0
-        if not bool(keep.all()):
-            k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-        bs = self.block_size
-        blocks, offsets = slot_mapping // bs, slot_mapping % bs
-        k_cache[blocks, :, offsets] = k.to(k_cache.dtype)
-        v_cache[blocks, :, offsets] = v.to(v_cache.dtype)
+        self.layer(index).write(k, v, slot_mapping)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks (copy-on-write before a shared block is written), all layers."""
         for src, dst in pairs:
             self.data[:, :, dst].copy_(self.data[:, :, src])
+            if self.scales is not None:
+                self.scales[:, :, dst].copy_(self.scales[:, :, src])
 
     def move_slots(self, src: torch.Tensor, dst: torch.Tensor, head: int | None = None) -> None:
         """Copy the tokens at slots `src` to slots `dst` in every layer, all heads or one: how eviction
@@ -100,14 +181,17 @@ class KVCache:
         heads = slice(None) if head is None else head
         values = self.data[:, :, sb, heads, so].clone()
         self.data[:, :, db, heads, do] = values
+        if self.scales is not None:
+            scales = self.scales[:, :, sb, heads, so].clone()
+            self.scales[:, :, db, heads, do] = scales
 
     # ---- reads ----------------------------------------------------------------------------------
     def gather(self, index: int, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A sequence's first `length` slots of layer `index` as contiguous `[num_kv_heads, length,
-        head_dim]` K and V (a copy; the reference path and tests read through it)."""
-        k_cache, v_cache = self.layer(index)
+        head_dim]` K and V in the activations' dtype (a copy; tests read through it)."""
         blocks = block_table[: -(-length // self.block_size)]
         hkv, d = self.spec.num_kv_heads, self.spec.head_dim
-        k = k_cache[blocks].transpose(0, 1).reshape(hkv, -1, d)[:, :length]
-        v = v_cache[blocks].transpose(0, 1).reshape(hkv, -1, d)[:, :length]
-        return k, v
+        k, v = self.layer(index).blocks(blocks, self.spec.dtype)
+        return k.transpose(0, 1).reshape(hkv, -1, d)[:, :length], v.transpose(0, 1).reshape(hkv, -1, d)[
+            :, :length
+        ]

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenmill.kv.cache import LayerKV
+
 # Rows with at most this many queries go to the paged kernel: decodes, speculative verification rows, tiny
 # prompt chunks. Longer chunks are compute-bound and run through SDPA (a GEMM-based flash attention).
 MAX_PAGED_QUERY_LEN = 16
@@ -145,8 +147,7 @@ class PagedAttention:
         q: torch.Tensor,  # [T, H, D]
         k: torch.Tensor,  # [T, Hkv, D] this step's keys (already in the cache at their slots)
         v: torch.Tensor,
-        k_cache: torch.Tensor,  # [num_blocks, Hkv, block_size, D]
-        v_cache: torch.Tensor,
+        kv: LayerKV,  # this layer's paged cache: [num_blocks, Hkv, block_size, D] K and V (+ scales)
         meta: AttentionMetadata,
         return_lse: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -158,8 +159,7 @@ class PagedAttention:
             rows = slice(0, meta.num_paged_rows)
             o, part_lse = self.paged(
                 q[:n_paged],
-                k_cache,
-                v_cache,
+                kv,
                 meta.block_tables[rows],
                 meta.seq_lens[rows],
                 meta.query_start_loc[: meta.num_paged_rows + 1],
@@ -171,33 +171,42 @@ class PagedAttention:
         for b in range(meta.num_paged_rows, meta.num_rows):
             s, e = meta.query_start_host[b], meta.query_start_host[b + 1]
             cached = meta.seq_lens_host[b] - (e - s)
-            o, part_lse = self._chunk(
-                q[s:e], k[s:e], v[s:e], k_cache, v_cache, meta.block_tables[b], cached, return_lse
-            )
+            o, part_lse = self._chunk(q[s:e], k[s:e], v[s:e], kv, meta.block_tables[b], cached, return_lse)
             out[s:e] = o
             if lse is not None:
                 lse[s:e] = part_lse
         return (out, lse) if return_lse else out
 
     # ---- rows with few queries: the paged kernel ------------------------------------------------
-    def paged(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, return_lse: bool = False):
-        """Rows of a few queries each, read from the cache in place. Returns (out, lse or None)."""
+    def paged(self, q, kv: LayerKV, block_tables, seq_lens, query_start_loc, return_lse: bool = False):
+        """Rows of a few queries each, read from the cache in place (packed formats too). Returns
+        (out, lse or None)."""
         if self.kernel is not None:
             out, lse = self.kernel(
-                q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, self.scale, return_lse
+                q,
+                kv.k,
+                kv.v,
+                kv.k_scale,
+                kv.v_scale,
+                block_tables,
+                seq_lens,
+                query_start_loc,
+                self.scale,
+                return_lse,
             )
             return out, (lse if return_lse else None)
-        return self._paged_torch(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+        return self._paged_torch(q, kv, block_tables, seq_lens, query_start_loc)
 
-    def _paged_torch(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc):
+    def _paged_torch(self, q, kv: LayerKV, block_tables, seq_lens, query_start_loc):
         """Batched reference: pad every row to the longest query count and context, mask what a query may
         not see, and compute softmax attention explicitly (the log-sum-exp comes with it)."""
         b = seq_lens.shape[0]
         hkv, g, d = self.num_kv_heads, self.group, self.head_dim
         qlens = query_start_loc[1:] - query_start_loc[:-1]
         max_q = int(qlens.max())
-        keys = k_cache[block_tables].transpose(1, 2).reshape(b, hkv, -1, d)  # [B, Hkv, L, D]
-        values = v_cache[block_tables].transpose(1, 2).reshape(b, hkv, -1, d)
+        keys, values = kv.blocks(block_tables, q.dtype)  # [B, max_blocks, Hkv, bs, D]
+        keys = keys.transpose(1, 2).reshape(b, hkv, -1, d)  # [B, Hkv, L, D]
+        values = values.transpose(1, 2).reshape(b, hkv, -1, d)
         j = torch.arange(max_q, device=q.device)
         valid = j.unsqueeze(0) < qlens.unsqueeze(1)  # [B, max_q]
         token = (query_start_loc[:-1].unsqueeze(1) + j).clamp(max=max(q.shape[0] - 1, 0))
@@ -216,7 +225,7 @@ class PagedAttention:
         return o[valid].to(q.dtype), lse[valid]
 
     # ---- long prompt chunks: SDPA, merged with the cached prefix ---------------------------------
-    def _chunk(self, q, k, v, k_cache, v_cache, block_table, cached: int, return_lse: bool):
+    def _chunk(self, q, k, v, kv: LayerKV, block_table, cached: int, return_lse: bool):
         """One chunk of n queries over `cached` earlier slots plus its own n keys (causal)."""
         n, g, hkv, d = q.shape[0], self.group, self.num_kv_heads, self.head_dim
         if cached == 0 and not return_lse:  # the common prompt case: exactly F.sdpa, as before
@@ -241,9 +250,9 @@ class PagedAttention:
         o_own, l_own = o_own.squeeze(0).transpose(0, 1), l_own.squeeze(0).transpose(0, 1)  # [n, H, D], [n, H]
         if cached == 0:
             return o_own, l_own
-        blocks = block_table[: -(-cached // k_cache.shape[2])]
-        pk = k_cache[blocks].transpose(0, 1).reshape(hkv, -1, d)[:, :cached]
-        pv = v_cache[blocks].transpose(0, 1).reshape(hkv, -1, d)[:, :cached]
+        pk, pv = kv.blocks(block_table[: -(-cached // kv.block_size)], q.dtype)
+        pk = pk.transpose(0, 1).reshape(hkv, -1, d)[:, :cached]
+        pv = pv.transpose(0, 1).reshape(hkv, -1, d)[:, :cached]
         # every query sees the whole prefix: the G heads of a KV head are stacked as its query rows
         qp = q.view(n, hkv, g, d).permute(1, 0, 2, 3).reshape(1, hkv, n * g, d)
         o_pre, l_pre = sdpa_with_lse(qp, pk.unsqueeze(0), pv.unsqueeze(0), causal=False, scale=self.scale)

@@ -15,6 +15,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from tokenmill.kv.cache import LayerKV
 from tokenmill.layers.norm import rms_norm
 from tokenmill.layers.rotary import RotaryEmbedding
 
@@ -55,25 +56,18 @@ class TorchOps:
         qkv: torch.Tensor,  # [T, (H + 2 Hkv) * D] fused projection output
         cos: torch.Tensor,  # [T, D / 2]
         sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        kv: LayerKV,
         slot_mapping: torch.Tensor,
         heads: HeadLayout,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rotate q and k, store k and v at their slots; returns q [T, H, D], k, v [T, Hkv, D]."""
+        """Rotate q and k, store k and v at their slots (quantized on write if the cache format is);
+        returns q [T, H, D], k, v [T, Hkv, D] in full precision."""
         t, d = qkv.shape[0], heads.head_dim
         qk_size = heads.q_size + heads.kv_size
         qk = RotaryEmbedding.apply(qkv[:, :qk_size].view(t, -1, d), cos.unsqueeze(1), sin.unsqueeze(1))
         q, k = qk.split([heads.num_heads, heads.num_kv_heads], dim=1)
         v = qkv[:, qk_size:].view(t, heads.num_kv_heads, d)
-        keep = slot_mapping >= 0
-        if bool(keep.all()):
-            slots, kk, vv = slot_mapping, k, v
-        else:
-            slots, kk, vv = slot_mapping[keep], k[keep], v[keep]
-        bs = k_cache.shape[2]
-        k_cache[slots // bs, :, slots % bs] = kk.to(k_cache.dtype)
-        v_cache[slots // bs, :, slots % bs] = vv.to(v_cache.dtype)
+        kv.write(k, v, slot_mapping)
         return q, k, v
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -96,11 +90,20 @@ class CppOps(TorchOps):
             return super().add_rms_norm(x, delta, weight, eps)
         return x, self.module.add_rms_norm(x, delta, weight, eps)  # adds delta into x in place
 
-    def rope_write_kv(self, qkv, cos, sin, k_cache, v_cache, slot_mapping, heads):
+    def rope_write_kv(self, qkv, cos, sin, kv, slot_mapping, heads):
         if not self.fused:
-            return super().rope_write_kv(qkv, cos, sin, k_cache, v_cache, slot_mapping, heads)
+            return super().rope_write_kv(qkv, cos, sin, kv, slot_mapping, heads)
         self.module.rope_kv_write(
-            qkv, cos, sin, k_cache, v_cache, slot_mapping, heads.num_heads, heads.num_kv_heads
+            qkv,
+            cos,
+            sin,
+            kv.k,
+            kv.v,
+            kv.k_scale,
+            kv.v_scale,
+            slot_mapping,
+            heads.num_heads,
+            heads.num_kv_heads,
         )
         t, d = qkv.shape[0], heads.head_dim
         qk_size = heads.q_size + heads.kv_size

@@ -164,12 +164,10 @@ class LlamaModel:
         delta: torch.Tensor | None = None  # the last sublayer's output, added to x by the next norm
         for i in range(c.num_layers) if layers is None else layers:
             layer = self.layers[i]
-            k_cache, v_cache = kv_cache.layer(i)
+            kv = kv_cache.layer(i)
             x, h = ops.add_rms_norm(x, delta, layer.input_norm, c.rms_norm_eps)
-            q, k, v = ops.rope_write_kv(
-                layer.qkv(h), cos, sin, k_cache, v_cache, meta.slot_mapping, self.heads
-            )
-            attn = self.attention(q, k, v, k_cache, v_cache, meta)
+            q, k, v = ops.rope_write_kv(layer.qkv(h), cos, sin, kv, meta.slot_mapping, self.heads)
+            attn = self.attention(q, k, v, kv, meta)
             x, h = ops.add_rms_norm(
                 x, layer.o_proj(attn.reshape(t, self.heads.q_size)), layer.post_norm, c.rms_norm_eps
             )

@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                           c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
                                            torch::Tensor block_tables, torch::Tensor seq_lens,
                                            torch::Tensor query_start_loc, double scale, bool return_lse);
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
@@ -13,7 +14,8 @@ torch::Tensor q8_dequantize(torch::Tensor codes, torch::Tensor scales);
 bool has_avx2();
 torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor weight, double eps);
 void rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
-                   torch::Tensor v_cache, torch::Tensor slot_mapping, int64_t H, int64_t Hkv);
+                   torch::Tensor v_cache, c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
+                   torch::Tensor slot_mapping, int64_t H, int64_t Hkv);
 torch::Tensor silu_mul(torch::Tensor gate_up);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

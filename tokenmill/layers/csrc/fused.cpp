@@ -2,6 +2,7 @@
 // single-sequence decode step every op costs more in dispatch than in arithmetic.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -41,14 +42,32 @@ torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, 
   return out;
 }
 
+// Store one head's vector at a cache row: copied as fp32, or (int8 cache) quantized symmetrically with one
+// scale per vector, amax / 127, the codes rounded half to even, as kv/cache.py's quantize_int8 does.
+static inline void store_head(const float* x, int64_t Dh, float* dst) { std::memcpy(dst, x, Dh * sizeof(float)); }
+
+static inline void store_head(const float* x, int64_t Dh, int8_t* dst, float* scale) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < Dh; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = amax / 127.f;
+  *scale = s;
+  const float d = s > 0.f ? s : 1.f;
+  for (int64_t i = 0; i < Dh; ++i) dst[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(x[i] / d))));
+}
+
 // qkv: [T, (H + 2 Hkv) * Dh] fp32, rotated in place (q and k heads, half-split layout); k and v are then
 // written to their cache slots (slot = block * block_size + offset; a negative slot is not written).
-// cos, sin: [T, Dh / 2]. Caches: [blocks, Hkv, block_size, Dh].
+// cos, sin: [T, Dh / 2]. Caches: [blocks, Hkv, block_size, Dh], fp32, or int8 with k_scale, v_scale
+// [blocks, Hkv, block_size] fp32 (quantize on write).
 void rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
-                   torch::Tensor v_cache, torch::Tensor slot_mapping, int64_t H, int64_t Hkv) {
+                   torch::Tensor v_cache, c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
+                   torch::Tensor slot_mapping, int64_t H, int64_t Hkv) {
   TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.is_contiguous(), "qkv: contiguous fp32");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "caches: contiguous fp32");
+  const bool quantized = k_cache.scalar_type() == at::kChar;
+  TORCH_CHECK(quantized || k_cache.scalar_type() == at::kFloat, "caches: fp32 or int8");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.scalar_type() == k_cache.scalar_type(),
+              "caches: contiguous, one dtype");
+  TORCH_CHECK(quantized == (k_scale.has_value() && v_scale.has_value()), "an int8 cache needs K and V scales");
   cos = cos.contiguous(), sin = sin.contiguous();
   slot_mapping = slot_mapping.to(torch::kLong).contiguous();
   TORCH_CHECK(slot_mapping.numel() == qkv.size(0), "one slot per token");
@@ -57,8 +76,19 @@ void rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torc
   float* p = qkv.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
+  float* kf = quantized ? nullptr : k_cache.data_ptr<float>();
+  float* vf = quantized ? nullptr : v_cache.data_ptr<float>();
+  int8_t* kq = quantized ? k_cache.data_ptr<int8_t>() : nullptr;
+  int8_t* vq = quantized ? v_cache.data_ptr<int8_t>() : nullptr;
+  torch::Tensor ks, vs;
+  if (quantized) {
+    ks = *k_scale, vs = *v_scale;
+    TORCH_CHECK(ks.is_contiguous() && vs.is_contiguous() && ks.scalar_type() == at::kFloat &&
+                    vs.scalar_type() == at::kFloat && ks.numel() == k_cache.numel() / Dh,
+                "scales: contiguous fp32 [blocks, Hkv, block_size]");
+  }
+  float* ksp = quantized ? ks.data_ptr<float>() : nullptr;
+  float* vsp = quantized ? vs.data_ptr<float>() : nullptr;
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const int64_t W = qkv.size(1);
   at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
@@ -79,9 +109,16 @@ void rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torc
       if (slot < 0) continue;
       const int64_t base = (slot / bs) * Hkv * bs + slot % bs;
       for (int64_t h = 0; h < Hkv; ++h) {
-        const int64_t dst = (base + h * bs) * Dh;
-        std::memcpy(kc + dst, row + (H + h) * Dh, Dh * sizeof(float));
-        std::memcpy(vc + dst, row + (H + Hkv + h) * Dh, Dh * sizeof(float));
+        const int64_t r = base + h * bs;  // cache row of (slot, head)
+        const float* k = row + (H + h) * Dh;
+        const float* v = row + (H + Hkv + h) * Dh;
+        if (quantized) {
+          store_head(k, Dh, kq + r * Dh, ksp + r);
+          store_head(v, Dh, vq + r * Dh, vsp + r);
+        } else {
+          store_head(k, Dh, kf + r * Dh);
+          store_head(v, Dh, vf + r * Dh);
+        }
       }
     }
   });

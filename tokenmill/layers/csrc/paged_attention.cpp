@@ -15,10 +15,14 @@
 #include <limits>
 #include <vector>
 
-template <typename T>
-static void attention_kernel(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* lens,
-                             const int64_t* qsl, T* out, float* lse, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                             int64_t bs, int64_t max_blocks, float scale) {
+// T: the queries' (and output's) type; C: the cache's element type. An int8 cache comes with one fp32 scale
+// per (token, head) for K (ks) and V (vs), applied to whole dot products and to each softmax weight, so the
+// packed blocks are read in place and never dequantized into a copy.
+template <typename T, typename C>
+static void attention_kernel(const T* q, const C* kc, const C* vc, const float* ks, const float* vs,
+                             const int64_t* tables, const int64_t* lens, const int64_t* qsl, T* out, float* lse,
+                             int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks,
+                             float scale) {
   const int64_t G = H / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, qf, acc, maxs, sums;
@@ -44,13 +48,16 @@ static void attention_kernel(const T* q, const T* kc, const T* vc, const int64_t
           visible[j * G + g] = first + j + 1;
         }
       for (int64_t t = 0; t < L; ++t) {
-        const T* k = kc + ((table[t / bs] * Hkv + h) * bs + t % bs) * D;
+        const int64_t row = (table[t / bs] * Hkv + h) * bs + t % bs;
+        const C* k = kc + row * D;
+        const float k_scale = ks != nullptr ? ks[row] : 1.f;
         const int64_t r0 = t < first ? 0 : (t - first) * G;  // rows whose query sees key t
         for (int64_t r = r0; r < R; ++r) {
           const float* qr = qf.data() + r * D;
           float s = 0.f;
 #pragma omp simd reduction(+ : s)
           for (int64_t i = 0; i < D; ++i) s += qr[i] * static_cast<float>(k[i]);
+          s *= k_scale;
           scores[r * L + t] = s;
           maxs[r] = std::max(maxs[r], s);
         }
@@ -68,10 +75,12 @@ static void attention_kernel(const T* q, const T* kc, const T* vc, const int64_t
         sums[r] = sum;
       }
       for (int64_t t = 0; t < L; ++t) {
-        const T* v = vc + ((table[t / bs] * Hkv + h) * bs + t % bs) * D;
+        const int64_t row = (table[t / bs] * Hkv + h) * bs + t % bs;
+        const C* v = vc + row * D;
+        const float v_scale = vs != nullptr ? vs[row] : 1.f;
         const int64_t r0 = t < first ? 0 : (t - first) * G;
         for (int64_t r = r0; r < R; ++r) {
-          const float p = scores[r * L + t];
+          const float p = scores[r * L + t] * v_scale;
           float* ar = acc.data() + r * D;
 #pragma omp simd
           for (int64_t i = 0; i < D; ++i) ar[i] += p * static_cast<float>(v[i]);
@@ -89,17 +98,21 @@ static void attention_kernel(const T* q, const T* kc, const T* vc, const int64_t
   });
 }
 
-// q [T, H, D]; k_cache, v_cache [num_blocks, Hkv, block_size, D]; block_tables [B, max_blocks] int64;
-// seq_lens [B] int64 (>= the row's query count); query_start_loc [B + 1] int64, rows of q in order.
-// Returns (out [T, H, D], lse [T, H] fp32, empty unless return_lse). Rows of q outside every range stay
-// uninitialized.
+// q [T, H, D]; k_cache, v_cache [num_blocks, Hkv, block_size, D] in q's dtype, or int8 with k_scale, v_scale
+// [num_blocks, Hkv, block_size] fp32 (then q is fp32); block_tables [B, max_blocks] int64; seq_lens [B] int64
+// (>= the row's query count); query_start_loc [B + 1] int64, rows of q in order. Returns (out [T, H, D],
+// lse [T, H] fp32, empty unless return_lse). Rows of q outside every range stay uninitialized.
 std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                           c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
                                            torch::Tensor block_tables, torch::Tensor seq_lens,
                                            torch::Tensor query_start_loc, double scale, bool return_lse) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "paged_attention: q [T, H, D], cache [blocks, Hkv, bs, D]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "cache must be contiguous");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(),
-              "q and the cache must share a dtype");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "K and V caches must share a dtype");
+  const bool quantized = k_cache.scalar_type() == at::kChar;
+  TORCH_CHECK(quantized == (k_scale.has_value() && v_scale.has_value()), "an int8 cache needs K and V scales");
+  TORCH_CHECK(quantized ? q.scalar_type() == at::kFloat : q.scalar_type() == k_cache.scalar_type(),
+              "q must be fp32 over an int8 cache, else share the cache's dtype");
   q = q.contiguous();
   block_tables = block_tables.to(torch::kLong).contiguous();
   seq_lens = seq_lens.to(torch::kLong).contiguous();
@@ -111,12 +124,24 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
   auto out = torch::empty_like(q);
   torch::Tensor lse = return_lse ? torch::empty({q.size(0), H}, q.options().dtype(torch::kFloat))
                                  : torch::empty({0}, q.options().dtype(torch::kFloat));
+  float* lse_ptr = return_lse ? lse.data_ptr<float>() : nullptr;
+  if (quantized) {
+    torch::Tensor ks = k_scale->contiguous(), vs = v_scale->contiguous();
+    TORCH_CHECK(ks.scalar_type() == at::kFloat && ks.numel() == k_cache.numel() / D, "k_scale: fp32 per token/head");
+    TORCH_CHECK(vs.scalar_type() == at::kFloat && vs.numel() == v_cache.numel() / D, "v_scale: fp32 per token/head");
+    attention_kernel<float, int8_t>(q.data_ptr<float>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
+                                    ks.data_ptr<float>(), vs.data_ptr<float>(), block_tables.data_ptr<int64_t>(),
+                                    seq_lens.data_ptr<int64_t>(), query_start_loc.data_ptr<int64_t>(),
+                                    out.data_ptr<float>(), lse_ptr, B, H, Hkv, D, bs, block_tables.size(1),
+                                    static_cast<float>(scale));
+    return {out, lse};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
-    attention_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                               block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
-                               query_start_loc.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
-                               return_lse ? lse.data_ptr<float>() : nullptr, B, H, Hkv, D, bs,
-                               block_tables.size(1), static_cast<float>(scale));
+    attention_kernel<scalar_t, scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
+                                         v_cache.data_ptr<scalar_t>(), nullptr, nullptr,
+                                         block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
+                                         query_start_loc.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), lse_ptr, B, H,
+                                         Hkv, D, bs, block_tables.size(1), static_cast<float>(scale));
   });
   return {out, lse};
 }
