@@ -147,7 +147,9 @@ def test_models_health_tokenize(http, client, model_name):
     assert len(chat) > 3
     assert_error(http.post("/tokenize", json={}), 400)
     assert_error(http.post("/detokenize", json={"tokens": [10**9]}), 400, "tokens")
-    assert "tokenmill_kv_blocks_total" in http.get("/metrics").text
+    metrics_text = http.get("/metrics").text
+    assert "tokenmill_kv_blocks_total" in metrics_text and "tokenmill_kv_cache_usage_bytes" in metrics_text
+    assert 'tokenmill_kv_cache_info{format="fp32"} 1.0' in metrics_text
 
 
 def test_completion_usage_and_logprobs(client, http, model_name):

@@ -61,6 +61,8 @@ class Metrics:
             ),
             "kv_blocks_used": ("KV cache blocks in use", lambda: stats().kv_blocks_used),
             "kv_blocks_total": ("KV cache blocks in all", lambda: stats().kv_blocks_total),
+            "kv_cache_usage_bytes": ("KV cache bytes in use, in its format", lambda: stats().kv_bytes_used),
+            "kv_tokens_held": ("KV slots held by running sequences", lambda: stats().kv_tokens_held),
             "prefix_cache_hit_rate": (
                 "Fraction of looked-up prompt tokens found in the prefix cache",
                 lambda: stats().prefix_cache_hit_rate,
@@ -69,6 +71,11 @@ class Metrics:
         }
         for name, (doc, fn) in gauges.items():
             Gauge(f"{prefix}_{name}", doc, registry=r).set_function(fn)
+        kv_format = stats().kv_format
+        if kv_format:  # the cache's element format, as a label (Prometheus' info-style gauge)
+            Gauge(f"{prefix}_kv_cache_info", "KV cache format", ["format"], registry=r).labels(kv_format).set(
+                1
+            )
 
     def record_rejected(self) -> None:
         self.requests.labels("rejected").inc()

@@ -43,6 +43,9 @@ class ThroughputResult:
     total_tok_s: float
     requests_s: float
     peak_rss_mib: float
+    kv_format: str  # KV cache element format (fp32, int8, ...)
+    kv_capacity_tokens: int  # tokens --kv-cache-memory holds in that format
+    kv_peak_tokens: int  # most KV slots allocated at once during the run (whole blocks)
 
 
 @dataclass
@@ -77,6 +80,9 @@ def run_throughput(llm: LLM, workload: Workload) -> ThroughputResult:
         total_tok_s=(n_prompt + n_out) / elapsed,
         requests_s=len(prompts) / elapsed,
         peak_rss_mib=peak_rss_mib(),
+        kv_format=llm.engine.kv_spec.format,
+        kv_capacity_tokens=llm.engine.kv_capacity_tokens,
+        kv_peak_tokens=llm.engine.block_manager.peak_used_blocks * llm.engine.config.block_size,
     )
 
 

@@ -68,6 +68,9 @@ class EngineStats:
     num_seqs_waiting: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    kv_bytes_used: int = 0  # in the cache's format: a smaller format holds more tokens in the same bytes
+    kv_tokens_held: int = 0  # slots held by running sequences
+    kv_format: str = ""  # e.g. fp32, int8
     prefix_cache_hit_rate: float = 0.0
     num_preemptions: int = 0
 
@@ -174,7 +177,9 @@ class AsyncLLMEngine:
         self._thread: threading.Thread | None = None
         self._streams: dict[str, RequestStream] = {}  # loop thread only
         self._active: set[RequestStream] = set()  # event loop side: admitted, not yet finished
-        self._stats = EngineStats(kv_blocks_total=engine.block_manager.num_blocks)
+        self._stats = EngineStats(
+            kv_blocks_total=engine.block_manager.num_blocks, kv_format=engine.kv_spec.format
+        )
 
     @classmethod
     def from_config(cls, config: EngineConfig, max_waiting: int | None = None) -> AsyncLLMEngine:
@@ -496,6 +501,9 @@ class AsyncLLMEngine:
             num_seqs_waiting=len(scheduler.waiting),
             kv_blocks_used=bm.num_used_blocks,
             kv_blocks_total=bm.num_blocks,
+            kv_bytes_used=bm.num_used_blocks * self.engine.kv_spec.bytes_per_block,
+            kv_tokens_held=sum(seq.num_kv_slots for seq in scheduler.running),
+            kv_format=self.engine.kv_spec.format,
             prefix_cache_hit_rate=bm.stats.hit_rate,
             num_preemptions=scheduler.num_preemptions,
         )

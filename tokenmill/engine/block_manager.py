@@ -46,6 +46,7 @@ class BlockManager:
         self.free_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # prefix hash -> block id
         self.stats = PrefixCacheStats()
+        self.peak_used_blocks = 0  # high-water mark, for benchmarks of how much a KV format/policy holds
 
     # ---- queries -------------------------------------------------------------------------------
     @property
@@ -67,6 +68,7 @@ class BlockManager:
         block_id, _ = self.free_ids.popitem(last=False)
         self._unhash(block_id)  # evict it from the prefix cache
         self.blocks[block_id].ref_count = 1
+        self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
         return block_id
 
     def _take(self, block_id: int) -> None:

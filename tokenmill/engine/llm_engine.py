@@ -56,6 +56,7 @@ class LLMEngine:
             config.torch_dtype,
             config.kv_cache_dtype,
         )
+        self.kv_spec = spec
         self.kv_bytes_per_token = spec.bytes_per_token
         num_blocks = spec.blocks_for_memory(config.kv_cache_memory)
         if num_blocks < 1:
