@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from tokenmill.formats import WeightFormat
+from tokenmill.spec.config import SpeculativeConfig
 
 _DTYPES = {
     "float32": torch.float32,
@@ -104,6 +106,8 @@ class EngineConfig:
     cpu_isa: str = field(default_factory=default_cpu_isa)
     slo_tpot: float | None = None  # seconds per output token to keep steps within (engine/step_budget.py)
     kv_cache_dtype: str = "auto"  # auto (the activations' dtype) | int8: how K/V are stored (kv/cache.py)
+    # speculative decoding (spec/config.py): a dict like vLLM's, a JSON string, or None (off)
+    speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
 
     def __post_init__(self) -> None:
         self.torch_dtype = parse_dtype(self.dtype)
@@ -117,6 +121,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"

@@ -37,6 +37,7 @@ class EngineArgs:
     cpu_isa: str = field(default_factory=default_cpu_isa)
     slo_tpot: float | None = EngineConfig.slo_tpot
     kv_cache_dtype: str = EngineConfig.kv_cache_dtype
+    speculative_config: str | None = None
 
     @classmethod
     def add_cli_args(
@@ -123,6 +124,12 @@ class EngineArgs:
             help="how K/V are stored: auto (the activations' dtype) or int8 (one scale per token and head, "
             "quantized on write, attended from the packed blocks; --kv-cache-memory then holds ~3.8x the tokens) "
             f"(default: {d.kv_cache_dtype})",
+        )
+        g.add_argument(
+            "--speculative-config",
+            default=d.speculative_config,
+            help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+            '"prompt_lookup_min": 2, "prompt_lookup_max": 5}\' (default: off)',
         )
         g.add_argument(
             "--slo-tpot",

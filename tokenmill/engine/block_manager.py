@@ -170,8 +170,12 @@ class BlockManager:
                 f"cannot roll back {num_tokens} tokens: only {seq.num_output_tokens} were generated"
             )
         del seq.token_ids[-num_tokens:]
-        uncomputed = max(0, seq.num_computed_tokens - seq.num_tokens)
-        seq.num_computed_tokens -= uncomputed
+        seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens)
+        self.release_unused(seq)
+
+    def release_unused(self, seq: Sequence) -> None:
+        """Free the blocks past seq's held slots (slots written for tokens that were then rejected) and drop
+        the prefix hash of a block no longer full of held tokens."""
         keep_blocks = self.blocks_for(seq.num_kv_slots)
         for block_id in reversed(seq.block_table[keep_blocks:]):
             self._unhash(block_id)

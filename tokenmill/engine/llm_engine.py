@@ -24,6 +24,9 @@ from tokenmill.models.source import resolve_model
 from tokenmill.models.tokenizer import IncrementalDetokenizer, Tokenizer
 from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.spec import Proposer
+from tokenmill.spec.ngram import NgramProposer
+from tokenmill.spec.stats import SpecStats
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,13 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self.step_budget = StepBudget(config.max_num_batched_tokens, config.slo_tpot)
+        self.speculative_config = spec_config = config.speculative_config
+        self.proposer: Proposer | None = (
+            NgramProposer(spec_config.prompt_lookup_min, spec_config.prompt_lookup_max)
+            if spec_config is not None
+            else None
+        )
+        self.spec_stats = SpecStats()
         # The C++ attention kernel reads only written slots, so its cache may start uninitialized (no
         # multi-GiB memset at start-up); the torch path attends over whole blocks under a mask and needs zeros.
         kv_cache = KVCache(spec, num_blocks, config.torch_device, zero=loaded.model.kernels is None)
@@ -217,6 +227,8 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass, and return outputs of the requests that advanced."""
+        if self.speculative_config is not None:
+            self._propose_drafts()
         batch = self.scheduler.schedule(self.step_budget.budget(len(self.scheduler.running)))
         if not batch:
             return []
@@ -229,19 +241,41 @@ class LLMEngine:
             seq = scheduled.seq
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
-            seq.num_computed_tokens += scheduled.num_new_tokens
+            drafts = seq.draft_token_ids
+            seq.draft_token_ids = []
+            seq.num_computed_tokens += scheduled.num_new_tokens - len(drafts)
             self.block_manager.commit(seq)
-            result = results.get(seq.seq_id)
-            if result is None:
+            emitted = results.get(seq.seq_id)
+            if emitted is None:
                 continue
-            self._append_token(seq, result, now)
             touched[seq.request.request_id] = seq.request
+            if drafts:
+                self.spec_stats.record(len(drafts), len(emitted) - 1)
+            for i, result in enumerate(emitted):
+                self._append_token(seq, result, now)
+                if seq.is_finished:
+                    break
+                if i < len(emitted) - 1:  # an accepted draft: its K/V was computed in this step
+                    seq.num_computed_tokens += 1
+            if drafts and not seq.is_finished:
+                self.block_manager.release_unused(seq)  # the rejected drafts' slots
         outputs = []
         for request in touched.values():
             outputs.append(self._make_output(request))
             if request.finished:
                 self.requests.pop(request.request_id, None)
         return outputs
+
+    def _propose_drafts(self) -> None:
+        """Give every decoding sequence up to k draft tokens (prompt lookup), never past its max_tokens or the
+        context: the next step verifies them together with the sequence's next token."""
+        spec = self.speculative_config
+        for seq in self.scheduler.running:
+            if seq.num_computed_tokens != seq.num_tokens - 1:  # still in prefill
+                continue
+            room = min(seq.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
+            k = min(spec.num_speculative_tokens, room)
+            seq.draft_token_ids = self.proposer.propose(seq.token_ids, k) if k > 0 else []
 
     def _append_token(self, seq: Sequence, result: SampleResult, now: float) -> None:
         params = seq.params

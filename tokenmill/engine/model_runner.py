@@ -36,15 +36,28 @@ class ModelRunner:
         self.device = kv_cache.device
         self.sampler = sampler
 
-    def run(self, batch: ScheduledBatch) -> dict[int, SampleResult]:
-        """One forward pass over the batch; the next token of every sequence whose last known token was
-        computed. Returns sampled tokens keyed by seq_id."""
+    def run(self, batch: ScheduledBatch) -> dict[int, list[SampleResult]]:
+        """One forward pass over the batch; the next token(s) of every sequence whose last known token was
+        computed, keyed by seq_id: one token, or for a sequence with drafts the accepted drafts and the
+        target's own next token (Sampler.verify)."""
         step = self.execute(batch)
-        last = [i for i, (s, j) in enumerate(step.rows) if j == s.num_new_tokens - 1]
+        last = [
+            i for i, (s, j) in enumerate(step.rows) if j == s.num_new_tokens - 1 and not s.seq.draft_token_ids
+        ]
         seqs = [step.rows[i][0].seq for i in last]
         logits = step.logits if len(last) == len(step.rows) else step.logits[last]
         results = self.sampler(logits, rows_from_seqs(seqs)) if seqs else []
-        return {seq.seq_id: r for seq, r in zip(seqs, results, strict=True)}
+        out = {seq.seq_id: [r] for seq, r in zip(seqs, results, strict=True)}
+        start = 0
+        for s, rows in _groups(step.rows):
+            seq = s.seq
+            if seq.draft_token_ids:
+                state = rows_from_seqs([seq])[0]
+                out[seq.seq_id] = self.sampler.verify(
+                    step.logits[start : start + rows], state, seq.draft_token_ids
+                )
+            start += rows
+        return out
 
     def execute(self, batch: ScheduledBatch, layers: list[int] | None = None) -> StepLogits:
         """The forward pass alone: logits of each sequence's last `num_logits` query tokens, for the
@@ -59,7 +72,11 @@ class ModelRunner:
         for s in ordered:
             seq, n = s.seq, s.num_new_tokens
             p0, start = seq.num_computed_tokens, len(ids)
-            ids.extend(seq.token_ids[p0 : p0 + n])
+            ids.extend(
+                (seq.token_ids[p0:] + seq.draft_token_ids)[:n]
+                if seq.draft_token_ids
+                else seq.token_ids[p0 : p0 + n]
+            )
             pos.extend(range(p0, p0 + n))
             rows.append(AttentionRow(n, seq.num_kv_slots + n, seq.block_table))
             for j in range(n - s.num_logits, n):
@@ -76,3 +93,15 @@ class ModelRunner:
             layers,
         )
         return StepLogits(logits, wanted)
+
+
+def _groups(rows: list[tuple[ScheduledSeq, int]]):
+    """(scheduled sequence, number of its logits rows), in order: a sequence's rows are consecutive."""
+    i = 0
+    while i < len(rows):
+        s = rows[i][0]
+        j = i
+        while j < len(rows) and rows[j][0] is s:
+            j += 1
+        yield s, j - i
+        i = j

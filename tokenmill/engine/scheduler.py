@@ -24,8 +24,10 @@ class ScheduledSeq:
 
     @property
     def samples(self) -> bool:
-        """True when this step computes the sequence's last known token, so the next one is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        """True when this step computes the sequence's last known token (and its drafts, if any), so the
+        next one is sampled."""
+        seq = self.seq
+        return seq.num_computed_tokens + self.num_new_tokens == seq.num_tokens + len(seq.draft_token_ids)
 
     @property
     def num_logits(self) -> int:
@@ -74,6 +76,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = seq.num_dropped_slots = 0
+        seq.draft_token_ids = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
@@ -89,7 +92,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens + len(seq.draft_token_ids), budget)
+            if seq.draft_token_ids:  # drafts ride behind the sequence's next token; keep those that fit
+                del seq.draft_token_ids[max(0, num_new - (seq.num_tokens - seq.num_computed_tokens)) :]
             while not bm.can_append(seq, num_new):
                 victim = self.running[-1]
                 self._preempt(victim, batch)
@@ -98,7 +103,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 break  # seq preempted itself: every later one is gone too
             batch.copies += bm.append_slots(seq, num_new)
-            batch.seqs.append(ScheduledSeq(seq, num_new))
+            batch.seqs.append(ScheduledSeq(seq, num_new, extra_logits=len(seq.draft_token_ids)))
             budget -= num_new
             i += 1
 

@@ -40,6 +40,7 @@ class Sequence:
     cumulative_logprob: float = 0.0
     fork_parent: Sequence | None = None  # for n > 1: share this sequence's prompt blocks (copy-on-write)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first scheduling
+    draft_token_ids: list[int] = field(default_factory=list)  # speculative tokens to verify in the next step
 
     @property
     def params(self) -> SamplingParams:

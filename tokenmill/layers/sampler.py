@@ -57,17 +57,9 @@ class Sampler:
         results = []
         for i, state in enumerate(rows):
             token = self._sample_row(logits[i].clone(), state)
-            result = SampleResult(token)
-            if raw_logprobs is not None and state.params.logprobs is not None:
-                row = raw_logprobs[i]
-                result.logprob = float(row[token])
-                result.rank = int((row > row[token]).sum()) + 1
-                if state.params.logprobs > 0:
-                    values, ids = row.topk(state.params.logprobs)
-                    result.top = list(zip(ids.tolist(), values.tolist(), strict=True))
-                else:
-                    result.top = []
-            results.append(result)
+            results.append(
+                self._result(token, None if raw_logprobs is None else raw_logprobs[i], state.params.logprobs)
+            )
         return results
 
     def _is_plain_greedy(self, state: SamplingRow) -> bool:
@@ -80,6 +72,14 @@ class Sampler:
         )
 
     def _sample_row(self, row: torch.Tensor, state: SamplingRow) -> int:
+        greedy, probs = self._distribution(row, state)
+        if probs is None:
+            return greedy
+        return int(torch.multinomial(probs, 1, generator=state.generator))
+
+    def _distribution(self, row: torch.Tensor, state: SamplingRow) -> tuple[int, torch.Tensor | None]:
+        """What this row samples from after every parameter applies: (argmax, None) when greedy, else
+        (-1, the probabilities). `row` is modified."""
         p = state.params
         if state.num_output_tokens < p.min_tokens:  # no end of sequence before min_tokens
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
@@ -89,7 +89,7 @@ class Sampler:
         if p.needs_penalties:
             self._apply_penalties(row, state)
         if p.greedy:
-            return int(row.argmax())
+            return int(row.argmax()), None
         row = row / p.temperature
         if p.top_k > 0 and p.top_k < row.shape[0]:
             kth = torch.topk(row, p.top_k).values[-1]
@@ -101,7 +101,54 @@ class Sampler:
             probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
         if p.min_p > 0.0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        return int(torch.multinomial(probs, 1, generator=state.generator))
+        return -1, probs
+
+    def verify(self, logits: torch.Tensor, state: SamplingRow, drafts: list[int]) -> list[SampleResult]:
+        """Speculative verification of one sequence: `logits` [k + 1, vocab] are the target's next-token
+        logits after its last token and after each of the k `drafts`. Returns the emitted tokens: the accepted
+        drafts, then one token from the target (the correction at the first rejection, or a bonus token when
+        all k are accepted).
+
+        Greedy: a draft is accepted while it equals the target's argmax. Sampling (the drafts are point
+        proposals, q = 1 on the draft): draft d is accepted with probability p(d); on rejection the token comes
+        from the residual max(0, p - q) renormalised, i.e. p without d. So every emitted token is distributed
+        exactly as without speculation, whatever the parameters (penalties and min_tokens see the drafts
+        before each row, as they would see the tokens had they been generated one by one)."""
+        assert logits.shape[0] == len(drafts) + 1
+        base = list(state.token_ids)
+        raw = torch.log_softmax(logits, dim=-1) if state.params.logprobs is not None else None
+        emitted: list[SampleResult] = []
+        for j in range(len(drafts) + 1):
+            row_state = SamplingRow(state.params, state.generator, base + drafts[:j], state.num_prompt_tokens)
+            greedy, probs = self._distribution(logits[j].clone(), row_state)
+            draft = drafts[j] if j < len(drafts) else None
+            if probs is None:
+                token = greedy
+            elif draft is None:
+                token = int(torch.multinomial(probs, 1, generator=state.generator))
+            elif float(torch.rand((), generator=state.generator)) < float(probs[draft]):
+                token = draft
+            else:
+                residual = probs.clone()
+                residual[draft] = 0.0
+                token = int(torch.multinomial(residual, 1, generator=state.generator))
+            emitted.append(self._result(token, None if raw is None else raw[j], state.params.logprobs))
+            if token != draft:
+                break
+        return emitted
+
+    @staticmethod
+    def _result(token: int, raw_row: torch.Tensor | None, num_logprobs: int | None) -> SampleResult:
+        result = SampleResult(token)
+        if raw_row is not None and num_logprobs is not None:
+            result.logprob = float(raw_row[token])
+            result.rank = int((raw_row > raw_row[token]).sum()) + 1
+            if num_logprobs > 0:
+                values, ids = raw_row.topk(num_logprobs)
+                result.top = list(zip(ids.tolist(), values.tolist(), strict=True))
+            else:
+                result.top = []
+        return result
 
     @staticmethod
     def _apply_penalties(row: torch.Tensor, state: SamplingRow) -> None:
