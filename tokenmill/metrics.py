@@ -68,6 +68,18 @@ class Metrics:
                 lambda: stats().prefix_cache_hit_rate,
             ),
             "num_preemptions": ("Sequences preempted so far", lambda: stats().num_preemptions),
+            "spec_decode_num_draft_tokens": (
+                "Speculative tokens proposed",
+                lambda: stats().spec_draft_tokens,
+            ),
+            "spec_decode_num_accepted_tokens": (
+                "Speculative tokens accepted",
+                lambda: stats().spec_accepted_tokens,
+            ),
+            "spec_decode_mean_acceptance_length": (
+                "Tokens emitted per speculative verification (accepted + 1)",
+                lambda: stats().spec_mean_acceptance_length,
+            ),
         }
         for name, (doc, fn) in gauges.items():
             Gauge(f"{prefix}_{name}", doc, registry=r).set_function(fn)

@@ -46,6 +46,8 @@ class ThroughputResult:
     kv_format: str  # KV cache element format (fp32, int8, ...)
     kv_capacity_tokens: int  # tokens --kv-cache-memory holds in that format
     kv_peak_tokens: int  # most KV slots allocated at once during the run (whole blocks)
+    spec_acceptance_rate: float  # speculative decoding: accepted / proposed drafts (0 when off)
+    spec_mean_acceptance_length: float  # tokens per verification (0 when off)
 
 
 @dataclass
@@ -55,6 +57,8 @@ class DecodeResult:
     ttft_s: float
     decode_tok_s: float  # tokens after the first, per second of decoding
     peak_rss_mib: float
+    spec_acceptance_rate: float
+    spec_mean_acceptance_length: float
 
 
 def peak_rss_mib() -> float:
@@ -83,6 +87,8 @@ def run_throughput(llm: LLM, workload: Workload) -> ThroughputResult:
         kv_format=llm.engine.kv_spec.format,
         kv_capacity_tokens=llm.engine.kv_capacity_tokens,
         kv_peak_tokens=llm.engine.block_manager.peak_used_blocks * llm.engine.config.block_size,
+        spec_acceptance_rate=llm.engine.spec_stats.acceptance_rate,
+        spec_mean_acceptance_length=llm.engine.spec_stats.mean_acceptance_length,
     )
 
 
@@ -100,6 +106,8 @@ def run_batch1(llm: LLM, input_len: int = 128, output_len: int = 128, seed: int 
         ttft_s=m.first_token_time - m.arrival_time,
         decode_tok_s=(len(out.token_ids) - 1) / decode_time,
         peak_rss_mib=peak_rss_mib(),
+        spec_acceptance_rate=llm.engine.spec_stats.acceptance_rate,
+        spec_mean_acceptance_length=llm.engine.spec_stats.mean_acceptance_length,
     )
 
 

@@ -71,6 +71,9 @@ class EngineStats:
     kv_bytes_used: int = 0  # in the cache's format: a smaller format holds more tokens in the same bytes
     kv_tokens_held: int = 0  # slots held by running sequences
     kv_format: str = ""  # e.g. fp32, int8
+    spec_draft_tokens: int = 0  # speculative decoding: drafts proposed and verified so far
+    spec_accepted_tokens: int = 0  # of those, accepted
+    spec_mean_acceptance_length: float = 0.0  # tokens emitted per verification
     prefix_cache_hit_rate: float = 0.0
     num_preemptions: int = 0
 
@@ -504,6 +507,9 @@ class AsyncLLMEngine:
             kv_bytes_used=bm.num_used_blocks * self.engine.kv_spec.bytes_per_block,
             kv_tokens_held=sum(seq.num_kv_slots for seq in scheduler.running),
             kv_format=self.engine.kv_spec.format,
+            spec_draft_tokens=self.engine.spec_stats.num_draft_tokens,
+            spec_accepted_tokens=self.engine.spec_stats.num_accepted_tokens,
+            spec_mean_acceptance_length=self.engine.spec_stats.mean_acceptance_length,
             prefix_cache_hit_rate=bm.stats.hit_rate,
             num_preemptions=scheduler.num_preemptions,
         )
