@@ -16,10 +16,17 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
+// The instruction-set level is fixed at compile time by the build's -m flags (cpu_kernels.py builds one
+// module per level); each level's paths are guarded by the compiler's macros so every level compiles.
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define TM_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+#define TM_AVX512 1
+#endif
 #endif
 
 namespace {
@@ -375,10 +382,13 @@ torch::Tensor q8_dequantize(torch::Tensor codes, torch::Tensor scales) {
   return out;
 }
 
-bool has_avx2() {
-#ifdef TM_AVX2
-  return true;
+// The level this module was compiled for: "avx512", "avx2" or "portable" (the names of cpu_kernels.py).
+std::string cpu_isa() {
+#if defined(TM_AVX512)
+  return "avx512";
+#elif defined(TM_AVX2)
+  return "avx2";
 #else
-  return false;
+  return "portable";
 #endif
 }
