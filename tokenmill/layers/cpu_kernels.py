@@ -27,20 +27,15 @@ _SOURCES = sorted(str(p) for p in (Path(__file__).parent / "csrc").glob("*.cpp")
 
 ISA_LEVELS = ("portable", "avx2", "avx512")  # lowest first
 BUILD_NAME_PREFIX = "tokenmill_cpu_kernels"
-_AVX2_FLAGS = ("-mavx2", "-mfma", "-mf16c")
-_ISA_CFLAGS = {
-    "portable": (),
-    "avx2": _AVX2_FLAGS,
-    "avx512": (*_AVX2_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16"),
-}
-# /proc/cpuinfo flags each level needs
-_ISA_CPU_FLAGS = {
-    "portable": (),
-    "avx2": ("avx2", "fma", "f16c"),
-    "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"),
-}
+# compiler flags of each level, and the /proc/cpuinfo flags a CPU needs to run it
+_AVX2_CFLAGS = ("-mavx2", "-mfma", "-mf16c")
+_AVX512_CFLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16")
+_ISA_CFLAGS = {"portable": (), "avx2": _AVX2_CFLAGS, "avx512": _AVX2_CFLAGS + _AVX512_CFLAGS}
+_AVX2_CPU = ("avx2", "fma", "f16c")
+_AVX512_CPU = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16")
+_ISA_CPU_FLAGS = {"portable": (), "avx2": _AVX2_CPU, "avx512": _AVX2_CPU + _AVX512_CPU}
 # shown by `tokenmill env`
-FLAGS_OF_INTEREST = ("avx2", "fma", "f16c", *_ISA_CPU_FLAGS["avx512"][3:], "amx_tile", "amx_int8", "amx_bf16")
+FLAGS_OF_INTEREST = (*_AVX2_CPU, *_AVX512_CPU, "amx_tile", "amx_int8", "amx_bf16")
 # fast-math lets gcc vectorize exp (libmvec); finite-math stays off since -inf is used
 _COMMON_CFLAGS = ("-O3", "-fopenmp", "-ffast-math", "-fno-finite-math-only")
 
