@@ -280,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default="bench_serve.png", help="PNG of a --sweep (default: bench_serve.png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench_serve)
+
+    from tokenmill.entrypoints.env_info import add_env_parser
+
+    add_env_parser(sub)
     return parser
 
 

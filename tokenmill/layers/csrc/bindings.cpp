@@ -11,7 +11,7 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
                         int64_t tile_bytes);
 torch::Tensor q4_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor mins);
 torch::Tensor q8_dequantize(torch::Tensor codes, torch::Tensor scales);
-bool has_avx2();
+std::string cpu_isa();
 torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor weight, double eps);
 void rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
                    torch::Tensor v_cache, c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
@@ -27,5 +27,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "x += delta; rms_norm(x) * weight (fp32)");
   m.def("rope_kv_write", &rope_kv_write, "rotate q/k in place and write k/v to the paged cache (fp32)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up (fp32)");
-  m.def("has_avx2", &has_avx2, "whether the kernels were built with AVX2/FMA/F16C");
+  m.def("cpu_isa", &cpu_isa, "the instruction-set level compiled in: portable, avx2 or avx512");
 }
