@@ -180,7 +180,9 @@ def test_elementwise_and_attention_kernels_agree_across_levels(both):
             normed,
             xl,
             kernels.silu_mul(gate_up),
-            kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, d**-0.5),
+            kernels.paged_attention(
+                q, k_cache, v_cache, None, None, tables, lens, torch.arange(b + 1), d**-0.5, False
+            )[0],
         )
     ref_x = x + delta
     ref_norm = weight * ref_x * torch.rsqrt(ref_x.pow(2).mean(-1, keepdim=True) + 1e-5)
@@ -195,16 +197,12 @@ def test_elementwise_and_attention_kernels_agree_across_levels(both):
 # ---- generation -------------------------------------------------------------------------------------------
 @needs_two_levels
 @pytest.mark.parametrize("weights", ["dense", "q8", "q4"])
-def test_greedy_generation_is_identical_at_every_level(tiny_model_dir, both, monkeypatch, weights):
-    import tokenmill.models.llama as llama
-
+def test_greedy_generation_is_identical_at_every_level(tiny_model_dir, both, weights):
     prompts = [{"prompt_token_ids": list(range(50, 50 + n))} for n in (3, 40)]
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     tokens = {}
     for level, kernels in both.items():
-        # (until EngineConfig.cpu_isa reaches the model: the model's one call to the loader, redirected)
-        monkeypatch.setattr(llama, "load_cpu_kernels", lambda *args, _k=kernels, **kw: _k)
-        llm = LLM(str(tiny_model_dir), kv_cache_memory="32MiB", weights=weights)
+        llm = LLM(str(tiny_model_dir), kv_cache_memory="32MiB", weights=weights, cpu_isa=level)
         assert llm.engine.runner.model.kernels is kernels
         tokens[level] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert all(t == tokens["portable"] for t in tokens.values())

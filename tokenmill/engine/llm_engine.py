@@ -46,6 +46,7 @@ class LLMEngine:
             config.max_model_len,
             config.weights,
             kernels=config.kernels,
+            cpu_isa=config.cpu_isa,
         )
         self.model_config = loaded.config
         self.tokenizer: Tokenizer = loaded.tokenizer

@@ -57,13 +57,14 @@ def load_model(
     weights: WeightFormat | str = WeightFormat.AUTO,
     cache_root: Path | None | Literal["default"] = "default",
     kernels: str = "auto",
+    cpu_isa: str = "auto",
 ) -> LoadedModel:
     """Build the model `source` names. GGUF weights that stay packed come through the weight cache under
     `cache_root` ('default': see weight_cache.default_cache_root; None: no cache). `kernels` picks the ops
-    (layers/ops.py: 'auto' | 'torch' | 'cpp')."""
+    (layers/ops.py: 'auto' | 'torch' | 'cpp'), `cpu_isa` the instruction-set build of the C++ kernels."""
     if cache_root == "default":
         cache_root = default_cache_root()
-    ops = make_ops(kernels, device, dtype, load_cpu_kernels)
+    ops = make_ops(kernels, device, dtype, lambda: load_cpu_kernels(cpu_isa))
     mode = resolve_weight_mode(weights, source, ops, dtype)
     if source.kind == "gguf" and mode != WeightFormat.DENSE:  # packed weights: through the on-disk cache
         converted = load_converted_gguf(source.path, cache_root)
