@@ -98,7 +98,7 @@ class TeacherForcing:
         runner = engine.runner
         saved_execute = runner.__dict__.get("execute")
         inner_execute, inner_sampler = runner.execute, runner.sampler
-        runner.execute = lambda batch, layers=None: self._execute(inner_execute, batch, layers)
+        runner.execute = lambda batch, *args, **kwargs: self._execute(inner_execute, batch, *args, **kwargs)
         runner.sampler = lambda logits, rows: self._sample(inner_sampler, logits, rows)
         request_ids = []
         try:
@@ -133,9 +133,9 @@ class TeacherForcing:
                 raise RuntimeError(f"window [{w.begin}, {w.end}) left {missing} targets unscored")
         return self.nll
 
-    def _execute(self, inner, batch: ScheduledBatch, layers) -> StepLogits:
+    def _execute(self, inner, batch: ScheduledBatch, *args, **kwargs) -> StepLogits:
         if not any(s.seq.seq_id in self._by_seq for s in batch.seqs):
-            return inner(batch, layers)
+            return inner(batch, *args, **kwargs)
         originals = {}
         swapped = []
         for s in batch.seqs:
@@ -145,7 +145,7 @@ class TeacherForcing:
                 swapped.append(mine)
             else:
                 swapped.append(s)
-        step = inner(dataclasses.replace(batch, seqs=swapped), layers)
+        step = inner(dataclasses.replace(batch, seqs=swapped), *args, **kwargs)
         keep, rows, score_rows, windows, targets, slots = [], [], [], [], [], []
         for r, (s, j) in enumerate(step.rows):
             orig = originals.get(id(s))
@@ -177,8 +177,9 @@ class TeacherForcing:
             if self.bar is not None and new:
                 self.bar.update(new)
         if len(keep) == len(step.rows):
-            return StepLogits(step.logits, rows)
-        return StepLogits(step.logits[torch.tensor(keep, dtype=torch.long, device=step.logits.device)], rows)
+            return dataclasses.replace(step, rows=rows)
+        kept = step.logits[torch.tensor(keep, dtype=torch.long, device=step.logits.device)]
+        return dataclasses.replace(step, logits=kept, rows=rows)
 
     def _sample(self, inner, logits: torch.Tensor, rows) -> list[SampleResult]:
         """The text's next token for the eval's rows; the real sampler for any other."""
