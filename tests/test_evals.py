@@ -91,6 +91,12 @@ def test_a_mode_the_engine_lacks_fails_before_any_model_loads(text):
         mode_options("block_size=0")
 
 
+def test_without_compare_the_mode_is_the_engine_as_configured():
+    assert evals.default_modes({}) == evals.default_modes({"kv_cache_dtype": "auto"}) == ["full"]
+    assert evals.default_modes({"kv_cache_dtype": "int8"}) == ["auto"]  # not called "full" when it is not
+    assert evals.default_modes({"kv_policy": "streaming:sinks=4,window=64"}) == ["auto"]
+
+
 # ---- windows -------------------------------------------------------------------------------------------------
 def scored(windows) -> list[int]:
     return [t for w in windows for t in range(w.first_target, w.end)]

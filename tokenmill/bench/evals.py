@@ -149,7 +149,8 @@ def engine_summary(engine_options: Mapping[str, Any] | None) -> str:
 
 def default_modes(engine_options: Mapping[str, Any] | None) -> list[str]:
     """Without --compare: one mode, the engine as configured; named `full` unless KV options are set."""
-    kv = [k for k, v in (engine_options or {}).items() if k in ("kv_cache_dtype", "kv_policy") and v]
+    options = engine_options or {}
+    kv = [k for k in ("kv_cache_dtype", "kv_policy") if options.get(k) not in (None, "", "auto", "full")]
     return ["auto" if kv else "full"]
 
 
