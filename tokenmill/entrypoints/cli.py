@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output-json", default=None, help="also write the results as JSON to this file")
     p.set_defaults(func=cmd_eval_quality)
+    from tokenmill.bench.evals import add_eval_parsers  # light: the engine loads when a command runs
+
+    add_eval_parsers(ev)  # eval ppl | passkey | needle
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("throughput", help="offline throughput on a fixed synthetic workload")
