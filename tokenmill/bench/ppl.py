@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tokenmill.bench.evals import kv_mode_overrides, load_llm, mode_options
+from tokenmill.bench.modes import kv_mode_overrides, load_llm, mode_options
 from tokenmill.engine.model_runner import StepLogits
 from tokenmill.engine.scheduler import ScheduledBatch, ScheduledSeq
 from tokenmill.layers.sampler import SampleResult

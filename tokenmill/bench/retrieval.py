@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenmill.bench.evals import kv_mode_overrides, load_llm, mode_options
+from tokenmill.bench.modes import kv_mode_overrides, load_llm, mode_options
 
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
