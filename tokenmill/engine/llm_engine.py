@@ -61,7 +61,6 @@ class LLMEngine:
             config.kv_cache_dtype,
         )
         self.kv_spec = spec
-        self.kv_bytes_per_token = spec.bytes_per_token
         num_blocks = spec.blocks_for_memory(config.kv_cache_memory)
         if num_blocks < 1:
             raise ValueError(
@@ -90,6 +89,10 @@ class LLMEngine:
         self._seed_rng = torch.Generator().manual_seed(config.seed)
 
     # ---- capacity ------------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.kv_spec.bytes_per_token
+
     @property
     def kv_capacity_tokens(self) -> int:
         return self.block_manager.num_blocks * self.config.block_size

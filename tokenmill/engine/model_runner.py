@@ -48,6 +48,8 @@ class ModelRunner:
         logits = step.logits if len(last) == len(step.rows) else step.logits[last]
         results = self.sampler(logits, rows_from_seqs(seqs)) if seqs else []
         out = {seq.seq_id: [r] for seq, r in zip(seqs, results, strict=True)}
+        if not any(s.seq.draft_token_ids for s in batch.seqs):
+            return out  # no speculative rows this step
         start = 0
         for s, rows in _groups(step.rows):
             seq = s.seq
