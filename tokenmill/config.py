@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from tokenmill.formats import WeightFormat
+from tokenmill.kv.policy import KVPolicy, parse_kv_policy
 from tokenmill.spec.config import SpeculativeConfig
 
 _DTYPES = {
@@ -106,6 +107,9 @@ class EngineConfig:
     cpu_isa: str = field(default_factory=default_cpu_isa)
     slo_tpot: float | None = None  # seconds per output token to keep steps within (engine/step_budget.py)
     kv_cache_dtype: str = "auto"  # auto (the activations' dtype) | int8: how K/V are stored (kv/cache.py)
+    # default KV eviction policy of requests that name none (kv/policy.py): full | streaming:... | h2o:... |
+    # snapkv:...
+    kv_policy: KVPolicy | str = "full"
     # speculative decoding (spec/config.py): a dict like vLLM's, a JSON string, or None (off)
     speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
 
@@ -122,6 +126,10 @@ class EngineConfig:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        try:
+            self.kv_policy = parse_kv_policy(self.kv_policy)
+        except ValueError as e:
+            raise ValueError(f"kv_policy: {e}") from None
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"

@@ -37,6 +37,7 @@ class EngineArgs:
     cpu_isa: str = field(default_factory=default_cpu_isa)
     slo_tpot: float | None = EngineConfig.slo_tpot
     kv_cache_dtype: str = EngineConfig.kv_cache_dtype
+    kv_policy: str = "full"
     speculative_config: str | None = None
 
     @classmethod
@@ -124,6 +125,13 @@ class EngineArgs:
             help="how K/V are stored: auto (the activations' dtype) or int8 (one scale per token and head, "
             "quantized on write, attended from the packed blocks; --kv-cache-memory then holds ~3.8x the tokens) "
             f"(default: {d.kv_cache_dtype})",
+        )
+        g.add_argument(
+            "--kv-policy",
+            default=d.kv_policy,
+            help="default KV eviction policy of requests that name none (a request's kv_policy field overrides "
+            "it): full, streaming:sinks=4,window=N, h2o:budget=B,recent=32, snapkv:budget=B,window=32,kernel=5; "
+            "B in tokens or as a fraction of the prompt (default: full)",
         )
         g.add_argument(
             "--speculative-config",

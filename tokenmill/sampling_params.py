@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokenmill.errors import INVALID_VALUE, AdmissionError
+from tokenmill.kv.policy import KVPolicy, parse_kv_policy
 
 _GREEDY_EPS = 1e-5
 
@@ -30,6 +31,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token plus the top k
     skip_special_tokens: bool = True
+    # KV eviction policy of this request (kv/policy.py), e.g. "snapkv:budget=0.25"; None: the engine's default
+    kv_policy: str | KVPolicy | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -38,6 +41,11 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.kv_policy is not None:
+            try:
+                self.kv_policy = parse_kv_policy(self.kv_policy)
+            except (ValueError, AttributeError) as e:
+                raise AdmissionError("kv_policy", INVALID_VALUE, f"kv_policy: {e}") from None
         self._validate()
 
     def _validate(self) -> None:

@@ -87,7 +87,7 @@ class BlockManager:
     def find_cached_prefix(self, seq: Sequence) -> tuple[list[int], list[int]]:
         """Blocks (and their hashes) that already hold a prefix of seq's tokens. At least one token
         is left uncached so that the step computes the logits of the last one."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.kv_policy.evicts:  # an evicting policy scores its own prompt
             return [], []
         bs = self.block_size
         tokens = seq.token_ids
@@ -203,8 +203,8 @@ class BlockManager:
 
     def commit(self, seq: Sequence) -> None:
         """Register the blocks that became full of computed tokens in the prefix cache."""
-        if not self.enable_prefix_caching or seq.num_dropped_slots:  # a compressed cache is no prefix
-            return
+        if not self.enable_prefix_caching or seq.num_dropped_slots or seq.kv_policy.evicts:
+            return  # a compressed (or soon compressed) cache is no prefix: its blocks get rewritten
         bs = self.block_size
         full = min(seq.num_computed_tokens // bs, len(seq.block_table))
         parent = seq.block_hashes[-1] if seq.block_hashes else self.root_hash

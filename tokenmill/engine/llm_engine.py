@@ -12,12 +12,14 @@ import torch
 
 from tokenmill.config import EngineConfig, physical_cores
 from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.kv_compressor import KVCompressor
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Request, Sequence, SequenceStatus
 from tokenmill.engine.step_budget import StepBudget
 from tokenmill.errors import CONTEXT_LENGTH_EXCEEDED, DUPLICATE_REQUEST_ID, INVALID_VALUE, AdmissionError
 from tokenmill.kv.cache import KVCache, KVCacheSpec
+from tokenmill.kv.policy import KVPolicy
 from tokenmill.layers.sampler import Sampler, SampleResult
 from tokenmill.models.registry import load_model
 from tokenmill.models.source import resolve_model
@@ -83,6 +85,7 @@ class LLMEngine:
         # multi-GiB memset at start-up); the torch path attends over whole blocks under a mask and needs zeros.
         kv_cache = KVCache(spec, num_blocks, config.torch_device, zero=loaded.model.kernels is None)
         self.runner = ModelRunner(loaded.model, kv_cache, Sampler(self.tokenizer.eos_token_ids))
+        self.kv_compressor = KVCompressor(kv_cache, self.block_manager)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
@@ -171,7 +174,8 @@ class LLMEngine:
                 f"max_tokens={max_tokens} is too large: the prompt has {n_prompt} tokens and the context holds "
                 f"{self.max_model_len}, so at most {self.max_model_len - n_prompt} new tokens fit",
             )
-        if n_prompt + max_tokens > self.kv_capacity_tokens:
+        policy = params.kv_policy if params.kv_policy is not None else self.config.kv_policy
+        if n_prompt + max_tokens > self.kv_capacity_tokens and not policy.during_decode:
             raise AdmissionError(
                 "max_tokens",
                 CONTEXT_LENGTH_EXCEEDED,
@@ -186,15 +190,15 @@ class LLMEngine:
             )
         request = Request(request_id, text, ids, params)
         for index in range(params.n):
-            seq = self._new_sequence(request, index, max_tokens)
-            if index > 0:
+            seq = self._new_sequence(request, index, max_tokens, policy)
+            if index > 0 and not policy.evicts:  # an evicting sibling scores and compresses its own prompt
                 seq.fork_parent = request.seqs[0]
             request.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = request
         return request
 
-    def _new_sequence(self, request: Request, index: int, max_tokens: int) -> Sequence:
+    def _new_sequence(self, request: Request, index: int, max_tokens: int, policy: KVPolicy) -> Sequence:
         params = request.params
         if params.seed is not None:
             seed = params.seed + index
@@ -212,6 +216,7 @@ class LLMEngine:
             ),
             max_tokens=max_tokens,
             logprobs=[] if params.logprobs is not None else None,
+            kv_policy=policy,
         )
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -236,6 +241,9 @@ class LLMEngine:
         batch = self.scheduler.schedule(self.step_budget.budget(len(self.scheduler.running)))
         if not batch:
             return []
+        for scheduled in batch.seqs:
+            self.kv_compressor.mark(scheduled)
+        computed_before = [s.seq.num_computed_tokens for s in batch.seqs]
         started = time.perf_counter()
         results = self.runner.run(batch)
         self.step_budget.observe(batch.num_tokens, time.perf_counter() - started)
@@ -263,6 +271,8 @@ class LLMEngine:
                     seq.num_computed_tokens += 1
             if drafts and not seq.is_finished:
                 self.block_manager.release_unused(seq)  # the rejected drafts' slots
+        for scheduled, before in zip(batch.seqs, computed_before, strict=True):
+            self.kv_compressor.update(scheduled, before)
         outputs = []
         for request in touched.values():
             outputs.append(self._make_output(request))

@@ -80,12 +80,16 @@ class ModelRunner:
                 else seq.token_ids[p0 : p0 + n]
             )
             pos.extend(range(p0, p0 + n))
-            rows.append(AttentionRow(n, seq.num_kv_slots + n, seq.block_table))
+            rows.append(AttentionRow(n, seq.num_kv_slots + n, seq.block_table, s.score_from))
             for j in range(n - s.num_logits, n):
                 wanted.append((s, j))
                 logits_rows.append(start + j)
         dev = self.device
         meta = build_attention_metadata(rows, self.block_size, dev)
+        if meta.wants_scores:  # KV eviction ranks tokens by the attention they get: the kernels add it here
+            spec = self.kv_cache.spec
+            longest = max(meta.seq_lens_host)
+            meta.scores = torch.zeros(spec.num_layers, len(rows), spec.num_kv_heads, longest, device=dev)
         logits = self.model.forward(
             torch.tensor(ids, dtype=torch.long, device=dev),
             torch.tensor(pos, dtype=torch.long, device=dev),
@@ -94,6 +98,10 @@ class ModelRunner:
             torch.tensor(logits_rows, dtype=torch.long, device=dev),
             layers,
         )
+        if meta.scores is not None:
+            for b, s in enumerate(ordered):
+                if s.score_from >= 0:
+                    s.attention_scores = meta.scores[:, b, :, : meta.seq_lens_host[b]]
         return StepLogits(logits, wanted)
 
 

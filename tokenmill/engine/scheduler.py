@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import torch
+
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.sequence import Sequence, SequenceStatus
 
@@ -21,6 +23,8 @@ class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # query tokens: token_ids[num_computed : num_computed + num_new_tokens]
     extra_logits: int = 0  # logits wanted for this many query tokens before the last (verification rows)
+    score_from: int = -1  # first query whose attention weights the runner reports (KV eviction); -1: none
+    attention_scores: torch.Tensor | None = None  # set by the runner: [layers, kv heads, slots] weights
 
     @property
     def samples(self) -> bool:
@@ -75,8 +79,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
-        seq.num_computed_tokens = seq.num_dropped_slots = 0
-        seq.draft_token_ids = []
+        seq.reset_kv()
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
@@ -119,7 +122,7 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not bm.can_append(seq, num_new):
                 bm.free(seq)
-                seq.num_computed_tokens = seq.num_dropped_slots = 0
+                seq.reset_kv()
                 self.waiting.appendleft(seq)
                 break
             batch.copies += bm.append_slots(seq, num_new)

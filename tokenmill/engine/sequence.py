@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenmill.kv.eviction import SeqKVState
+from tokenmill.kv.policy import FULL, KVPolicy
 from tokenmill.models.tokenizer import IncrementalDetokenizer
 from tokenmill.outputs import RequestMetrics, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
@@ -41,6 +43,14 @@ class Sequence:
     fork_parent: Sequence | None = None  # for n > 1: share this sequence's prompt blocks (copy-on-write)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first scheduling
     draft_token_ids: list[int] = field(default_factory=list)  # speculative tokens to verify in the next step
+    kv_policy: KVPolicy = FULL  # eviction policy (the request's or the engine's default)
+    kv_state: SeqKVState | None = None  # per-slot positions and attention scores, under an evicting policy
+
+    def reset_kv(self) -> None:
+        """Forget everything computed (preemption): the sequence is recomputed from its first token."""
+        self.num_computed_tokens = self.num_dropped_slots = 0
+        self.kv_state = None
+        self.draft_token_ids = []
 
     @property
     def params(self) -> SamplingParams:

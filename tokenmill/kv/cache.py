@@ -185,6 +185,29 @@ class KVCache:
             scales = self.scales[:, :, sb, heads, so].clone()
             self.scales[:, :, db, heads, do] = scales
 
+    def move_per_head(
+        self,
+        block_table: list[int],
+        layer: torch.Tensor,
+        head: torch.Tensor,
+        src: torch.Tensor,
+        dst: torch.Tensor,
+    ) -> None:
+        """Move single (layer, head) entries of one sequence, K and V (and scales): slot `src[i]` of the
+        sequence (an index into its held slots, through `block_table`) to slot `dst[i]`, in layer `layer[i]`
+        and KV head `head[i]`. How per-head eviction compacts what each head keeps. Sources are read first."""
+        if src.numel() == 0:
+            return
+        bs = self.block_size
+        table = torch.tensor(block_table, dtype=torch.long, device=self.device)
+        sb, so = table[src // bs], src % bs
+        db, do = table[dst // bs], dst % bs
+        values = self.data[layer, :, sb, head, so]  # [N, 2, D] (advanced indexing copies)
+        self.data[layer, :, db, head, do] = values
+        if self.scales is not None:
+            scales = self.scales[layer, :, sb, head, so]
+            self.scales[layer, :, db, head, do] = scales
+
     # ---- reads ----------------------------------------------------------------------------------
     def gather(self, index: int, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A sequence's first `length` slots of layer `index` as contiguous `[num_kv_heads, length,

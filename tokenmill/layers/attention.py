@@ -10,6 +10,11 @@ Everything a layer needs about the batch is in `AttentionMetadata`, built once p
 and run in one call of the paged kernel (C++ on the CPU, a batched torch reference elsewhere); longer prompt
 chunks run through scaled-dot-product attention over their own keys (causal) and, when part of the prompt is
 cached, over the cached prefix (no mask): the two partial results merge exactly through their log-sum-exp.
+
+KV eviction policies rank cached tokens by the attention they receive. A row with `score_from >= 0` asks for
+that: the attention weights of its queries from index `score_from` on (summed over the query heads of each KV
+head) are added to the step's score buffer at `[row, kv_head, slot]`, by the paged kernel as it computes them
+and, for long chunks, from the chunk's own query-key products.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class AttentionRow:
     query_len: int  # new tokens of this row in the step
     seq_len: int  # slots the row attends over after writing its new tokens (held slots, not positions)
     block_table: list[int]  # physical blocks holding the row's slots, in order
+    score_from: int = -1  # accumulate the attention weights of queries [score_from, query_len); -1: none
 
 
 @dataclass
@@ -45,6 +51,19 @@ class AttentionMetadata:
     num_paged_rows: int  # rows [0, num_paged_rows) have <= MAX_PAGED_QUERY_LEN queries: the paged kernel
     query_start_host: list[int]  # query_start_loc and seq_lens as Python ints, for the per-chunk path
     seq_lens_host: list[int]
+    score_from: torch.Tensor | None = None  # [B] per-row first scored query (-1: none); None: no row scores
+    score_from_host: list[int] | None = None
+    scores: torch.Tensor | None = (
+        None  # [num_layers, B, Hkv, max seq_len] fp32, set by whoever asked for scores
+    )
+
+    @property
+    def wants_scores(self) -> bool:
+        return self.score_from is not None
+
+    def layer_scores(self, layer: int) -> torch.Tensor | None:
+        """Layer `layer`'s score buffer `[B, Hkv, max seq_len]`, or None when no row asked for scores."""
+        return None if self.scores is None or self.score_from is None else self.scores[layer]
 
     @property
     def num_rows(self) -> int:
@@ -80,6 +99,8 @@ def build_attention_metadata(
     within = torch.arange(starts[-1]) - start_t[row_of_token] + (slens - qlens)[row_of_token]
     blocks = tables[row_of_token, within // block_size]
     slot_mapping = blocks * block_size + within % block_size
+    score_from = [r.score_from for r in rows]
+    scored = any(f >= 0 for f in score_from)
     return AttentionMetadata(
         slot_mapping=slot_mapping.to(device),
         query_start_loc=start_t.to(device),
@@ -88,6 +109,8 @@ def build_attention_metadata(
         num_paged_rows=num_paged,
         query_start_host=starts,
         seq_lens_host=seq_lens,
+        score_from=torch.tensor(score_from, dtype=torch.long, device=device) if scored else None,
+        score_from_host=score_from if scored else None,
     )
 
 
@@ -150,8 +173,12 @@ class PagedAttention:
         kv: LayerKV,  # this layer's paged cache: [num_blocks, Hkv, block_size, D] K and V (+ scales)
         meta: AttentionMetadata,
         return_lse: bool = False,
+        scores: torch.Tensor
+        | None = None,  # [B, Hkv, >= max seq_len] fp32, accumulated into (see module doc)
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attention output `[T, H, D]` (and, if asked, its log-sum-exp `[T, H]` in fp32)."""
+        if scores is not None and not meta.wants_scores:
+            scores = None
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
         n_paged = meta.num_paged_tokens
@@ -164,6 +191,8 @@ class PagedAttention:
                 meta.seq_lens[rows],
                 meta.query_start_loc[: meta.num_paged_rows + 1],
                 return_lse,
+                None if scores is None else scores[rows],
+                None if scores is None else meta.score_from[rows],
             )
             out[:n_paged] = o
             if lse is not None:
@@ -173,14 +202,28 @@ class PagedAttention:
             cached = meta.seq_lens_host[b] - (e - s)
             o, part_lse = self._chunk(q[s:e], k[s:e], v[s:e], kv, meta.block_tables[b], cached, return_lse)
             out[s:e] = o
+            if scores is not None and meta.score_from_host[b] >= 0:
+                self._chunk_scores(
+                    q[s:e], k[s:e], kv, meta.block_tables[b], cached, meta.score_from_host[b], scores[b]
+                )
             if lse is not None:
                 lse[s:e] = part_lse
         return (out, lse) if return_lse else out
 
     # ---- rows with few queries: the paged kernel ------------------------------------------------
-    def paged(self, q, kv: LayerKV, block_tables, seq_lens, query_start_loc, return_lse: bool = False):
+    def paged(
+        self,
+        q,
+        kv: LayerKV,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        return_lse: bool = False,
+        scores: torch.Tensor | None = None,
+        score_from: torch.Tensor | None = None,
+    ):
         """Rows of a few queries each, read from the cache in place (packed formats too). Returns
-        (out, lse or None)."""
+        (out, lse or None); adds the rows' attention weights into `scores` where `score_from` asks."""
         if self.kernel is not None:
             out, lse = self.kernel(
                 q,
@@ -193,11 +236,15 @@ class PagedAttention:
                 query_start_loc,
                 self.scale,
                 return_lse,
+                scores,
+                score_from,
             )
             return out, (lse if return_lse else None)
-        return self._paged_torch(q, kv, block_tables, seq_lens, query_start_loc)
+        return self._paged_torch(q, kv, block_tables, seq_lens, query_start_loc, scores, score_from)
 
-    def _paged_torch(self, q, kv: LayerKV, block_tables, seq_lens, query_start_loc):
+    def _paged_torch(
+        self, q, kv: LayerKV, block_tables, seq_lens, query_start_loc, scores=None, score_from=None
+    ):
         """Batched reference: pad every row to the longest query count and context, mask what a query may
         not see, and compute softmax attention explicitly (the log-sum-exp comes with it)."""
         b = seq_lens.shape[0]
@@ -215,11 +262,18 @@ class PagedAttention:
         t = torch.arange(keys.shape[2], device=q.device)
         mask = t.view(1, 1, -1) < visible_to.unsqueeze(-1)  # [B, max_q, L]
         mask = mask.repeat_interleave(g, dim=1).unsqueeze(1)  # [B, 1, max_q * g, L]
+        score_sink = scores
         scores = (queries.float() @ keys.float().transpose(-1, -2)) * self.scale
         scores = scores.masked_fill(~mask, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, max_q * g]
         safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        o = torch.exp(scores - safe.unsqueeze(-1)) @ values.float()  # [B, Hkv, max_q * g, D]
+        probs = torch.exp(scores - safe.unsqueeze(-1))  # [B, Hkv, max_q * g, L]
+        if score_sink is not None:
+            counted = (j.unsqueeze(0) >= score_from.unsqueeze(1)) & (score_from.unsqueeze(1) >= 0) & valid
+            weights = probs * counted.repeat_interleave(g, dim=1).view(b, 1, -1, 1)
+            n_keys = min(weights.shape[-1], score_sink.shape[-1])
+            score_sink[:, :, :n_keys] += weights.sum(dim=2)[:, :, :n_keys]
+        o = probs @ values.float()  # [B, Hkv, max_q * g, D]
         o = o.view(b, hkv, max_q, g, d).permute(0, 2, 1, 3, 4).reshape(b, max_q, -1, d)
         lse = lse.view(b, hkv, max_q, g).permute(0, 2, 1, 3).reshape(b, max_q, -1)
         return o[valid].to(q.dtype), lse[valid]
@@ -259,3 +313,26 @@ class PagedAttention:
         o_pre = o_pre.view(hkv, n, g, d).permute(1, 0, 2, 3).reshape(n, -1, d)
         l_pre = l_pre.view(hkv, n, g).permute(1, 0, 2).reshape(n, -1)
         return merge_attention(o_pre, l_pre, o_own, l_own)
+
+    def _chunk_scores(
+        self, q, k, kv: LayerKV, block_table, cached: int, first: int, sink: torch.Tensor
+    ) -> None:
+        """Add the attention weights of a long chunk's queries [first, n) to `sink` `[Hkv, >= cached + n]`: their
+        scores against the cached prefix and the chunk's own keys (causal), softmax-normalised over both.
+        Done in slices of queries so the weight matrix stays small."""
+        n, g, hkv, d = q.shape[0], self.group, self.num_kv_heads, self.head_dim
+        if first >= n:
+            return
+        keys = k.transpose(0, 1).float()  # [Hkv, n, D]
+        if cached:
+            pk, _ = kv.blocks(block_table[: -(-cached // kv.block_size)], torch.float32)
+            keys = torch.cat([pk.transpose(0, 1).reshape(hkv, -1, d)[:, :cached], keys], dim=1)
+        total = cached + n
+        for s in range(first, n, 256):
+            e = min(n, s + 256)
+            qs = q[s:e].float().view(e - s, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, (e - s) * g, d)
+            logits = (qs @ keys.transpose(-1, -2)) * self.scale  # [Hkv, m * g, total]
+            last_visible = (cached + torch.arange(s, e, device=q.device)).repeat_interleave(g)
+            hidden = torch.arange(total, device=q.device).view(1, -1) > last_visible.view(-1, 1)
+            probs = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)
+            sink[:, :total] += probs.sum(dim=1)

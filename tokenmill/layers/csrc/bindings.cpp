@@ -4,7 +4,8 @@
 std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                            c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
                                            torch::Tensor block_tables, torch::Tensor seq_lens,
-                                           torch::Tensor query_start_loc, double scale, bool return_lse);
+                                           torch::Tensor query_start_loc, double scale, bool return_lse,
+                                           c10::optional<torch::Tensor> scores, c10::optional<torch::Tensor> score_from);
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
                         int64_t gemm_min_rows, int64_t tile_bytes);
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t gemm_min_rows,
@@ -19,7 +20,11 @@ void rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torc
 torch::Tensor silu_mul(torch::Tensor gate_up);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "paged attention over ragged query rows, with log-sum-exp (CPU)");
+  m.def("paged_attention", &paged_attention,
+        "paged attention over ragged query rows, with log-sum-exp and optional per-slot attention scores (CPU)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"), py::arg("v_scale"),
+        py::arg("block_tables"), py::arg("seq_lens"), py::arg("query_start_loc"), py::arg("scale"),
+        py::arg("return_lse"), py::arg("scores") = py::none(), py::arg("score_from") = py::none());
   m.def("q4_linear", &q4_linear, "x @ W^T with 4-bit block-quantized W");
   m.def("q8_linear", &q8_linear, "x @ W^T with 8-bit block-quantized W");
   m.def("q4_dequantize", &q4_dequantize, "4-bit blocks -> fp32 rows");

@@ -9,6 +9,11 @@
 // each K/V vector is read once per task. Scores live in a small per-task buffer: pass 1 computes q.k, pass 2
 // the softmax, pass 3 accumulates the values; accumulation in fp32. The log-sum-exp of every (query, head) can
 // be returned with the output, so attention over disjoint key sets can be merged exactly afterwards.
+//
+// KV eviction policies (H2O, SnapKV) rank cached tokens by the attention they receive. The kernel adds those
+// weights as it computes them: for a row with score_from[b] = f >= 0, the softmax weight of every query j >= f
+// (summed over the query heads of a KV head) is added to scores[b, h, t] for each key slot t. No second pass
+// over the cache.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -21,8 +26,8 @@
 template <typename T, typename C>
 static void attention_kernel(const T* q, const C* kc, const C* vc, const float* ks, const float* vs,
                              const int64_t* tables, const int64_t* lens, const int64_t* qsl, T* out, float* lse,
-                             int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks,
-                             float scale) {
+                             float* score_out, const int64_t* score_from, int64_t score_len, int64_t B, int64_t H,
+                             int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float scale) {
   const int64_t G = H / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, qf, acc, maxs, sums;
@@ -74,6 +79,16 @@ static void attention_kernel(const T* q, const C* kc, const C* vc, const float* 
         }
         sums[r] = sum;
       }
+      if (score_out != nullptr && score_from[b] >= 0) {  // attention weights each key slot receives
+        float* dst = score_out + (b * Hkv + h) * score_len;
+        for (int64_t r = score_from[b] * G; r < R; ++r) {
+          const float* sr = scores.data() + r * L;
+          const float inv = 1.f / sums[r];
+          const int64_t vis = visible[r];
+#pragma omp simd
+          for (int64_t t = 0; t < vis; ++t) dst[t] += sr[t] * inv;
+        }
+      }
       for (int64_t t = 0; t < L; ++t) {
         const int64_t row = (table[t / bs] * Hkv + h) * bs + t % bs;
         const C* v = vc + row * D;
@@ -102,10 +117,12 @@ static void attention_kernel(const T* q, const C* kc, const C* vc, const float* 
 // [num_blocks, Hkv, block_size] fp32 (then q is fp32); block_tables [B, max_blocks] int64; seq_lens [B] int64
 // (>= the row's query count); query_start_loc [B + 1] int64, rows of q in order. Returns (out [T, H, D],
 // lse [T, H] fp32, empty unless return_lse). Rows of q outside every range stay uninitialized.
+// scores [B, Hkv, >= max seq_len] fp32 (optional, accumulated into) with score_from [B] int64: see above.
 std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                            c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
                                            torch::Tensor block_tables, torch::Tensor seq_lens,
-                                           torch::Tensor query_start_loc, double scale, bool return_lse) {
+                                           torch::Tensor query_start_loc, double scale, bool return_lse,
+                                           c10::optional<torch::Tensor> scores, c10::optional<torch::Tensor> score_from) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "paged_attention: q [T, H, D], cache [blocks, Hkv, bs, D]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "cache must be contiguous");
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "K and V caches must share a dtype");
@@ -125,6 +142,22 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
   torch::Tensor lse = return_lse ? torch::empty({q.size(0), H}, q.options().dtype(torch::kFloat))
                                  : torch::empty({0}, q.options().dtype(torch::kFloat));
   float* lse_ptr = return_lse ? lse.data_ptr<float>() : nullptr;
+  float* score_ptr = nullptr;
+  const int64_t* score_from_ptr = nullptr;
+  int64_t score_len = 0;
+  torch::Tensor score_from_c;
+  if (scores.has_value()) {
+    TORCH_CHECK(score_from.has_value(), "scores need score_from");
+    TORCH_CHECK(scores->scalar_type() == at::kFloat && scores->is_contiguous() && scores->dim() == 3 &&
+                    scores->size(0) == B && scores->size(1) == Hkv,
+                "scores: contiguous fp32 [rows, Hkv, max_len]");
+    TORCH_CHECK(B == 0 || scores->size(2) >= seq_lens.max().item<int64_t>(), "scores: too short for seq_lens");
+    score_from_c = score_from->to(torch::kLong).contiguous();
+    TORCH_CHECK(score_from_c.numel() == B, "score_from: one entry per row");
+    score_ptr = scores->data_ptr<float>();
+    score_from_ptr = score_from_c.data_ptr<int64_t>();
+    score_len = scores->size(2);
+  }
   if (quantized) {
     torch::Tensor ks = k_scale->contiguous(), vs = v_scale->contiguous();
     TORCH_CHECK(ks.scalar_type() == at::kFloat && ks.numel() == k_cache.numel() / D, "k_scale: fp32 per token/head");
@@ -132,7 +165,7 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
     attention_kernel<float, int8_t>(q.data_ptr<float>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
                                     ks.data_ptr<float>(), vs.data_ptr<float>(), block_tables.data_ptr<int64_t>(),
                                     seq_lens.data_ptr<int64_t>(), query_start_loc.data_ptr<int64_t>(),
-                                    out.data_ptr<float>(), lse_ptr, B, H, Hkv, D, bs, block_tables.size(1),
+                                    out.data_ptr<float>(), lse_ptr, score_ptr, score_from_ptr, score_len, B, H, Hkv, D, bs, block_tables.size(1),
                                     static_cast<float>(scale));
     return {out, lse};
   }
@@ -140,8 +173,8 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
     attention_kernel<scalar_t, scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
                                          v_cache.data_ptr<scalar_t>(), nullptr, nullptr,
                                          block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
-                                         query_start_loc.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), lse_ptr, B, H,
-                                         Hkv, D, bs, block_tables.size(1), static_cast<float>(scale));
+                                         query_start_loc.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), lse_ptr, score_ptr,
+                                         score_from_ptr, score_len, B, H, Hkv, D, bs, block_tables.size(1), static_cast<float>(scale));
   });
   return {out, lse};
 }
