@@ -380,6 +380,8 @@ BAD_COMPLETIONS = [
     ("unknown model", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ("min_tokens above max_tokens", {"prompt": "x", "max_tokens": 2, "min_tokens": 5}, 400, "min_tokens"),
     ("logit_bias", {"prompt": "x", "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    ("kv_policy unknown", {"prompt": "x", "kv_policy": "lru:budget=3"}, 400, "kv_policy"),
+    ("kv_policy budget", {"prompt": "x", "kv_policy": "h2o:budget=2.5"}, 400, "kv_policy"),
 ]
 
 BAD_CHAT = [
@@ -438,6 +440,17 @@ def test_bad_input(http, path, case):
     err = assert_error(r, status)
     if param is not None:
         assert err["param"] is not None and err["param"].split(".")[0] == param, err
+
+
+def test_kv_policy_per_request(http):
+    """A request may bring its own eviction policy (an extra field, like vLLM's extra sampling fields)."""
+    prompt = "The grass is green. The sky is blue. " * 12 + "What color is the sky?"
+    r = http.post(
+        "/v1/completions",
+        json={"prompt": prompt, "max_tokens": 4, "temperature": 0, "kv_policy": "snapkv:budget=0.5,window=8"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 4
 
 
 def test_bad_input_then_normal_request_succeeds(http):

@@ -68,6 +68,8 @@ class _SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # tokenmill extra: this request's KV eviction policy (kv/policy.py), e.g. "snapkv:budget=0.25"
+    kv_policy: str | None = Field(None, max_length=200)
 
 
 # ---- completions ----------------------------------------------------------------------------------------

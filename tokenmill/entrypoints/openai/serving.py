@@ -300,6 +300,7 @@ class OpenAIServing:
             "ignore_eos": req.ignore_eos,
             "logprobs": logprobs,
             "skip_special_tokens": req.skip_special_tokens,
+            "kv_policy": req.kv_policy,
         }
         for name in (
             "temperature",
