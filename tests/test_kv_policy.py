@@ -25,6 +25,8 @@ def test_policy_strings_round_trip_and_defaults():
     assert parse_kv_policy("h2o:budget=64,recent=8").budget_tokens(1000) == 64
     assert parse_kv_policy("h2o:budget=0.1").budget_tokens(1000) == 100
     assert parse_kv_policy("streaming:sinks=2,window=30").budget_tokens(5) == 32
+    assert parse_kv_policy("streaming:budget=0.5").budget_tokens(100) == 50
+    assert str(parse_kv_policy("streaming:budget=0.5")) == "streaming:sinks=4,budget=0.5"
     assert not parse_kv_policy(None).evicts and not parse_kv_policy("full").evicts
 
 
@@ -40,6 +42,7 @@ def test_policy_strings_round_trip_and_defaults():
         ("streaming:window=abc", "must be a number"),
         ("streaming:window=8,foo=1", "takes"),
         ("streaming:sinks=4", "needs window="),
+        ("streaming:window=8,budget=0.5", "one of them"),
         ("streaming:window=2.5", "integer"),
     ],
 )

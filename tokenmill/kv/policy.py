@@ -5,6 +5,7 @@ A policy is written as a short string, the same on the command line (`--kv-polic
 
     full                                    keep everything (the default)
     streaming:sinks=4,window=1024           StreamingLLM: the first `sinks` tokens and the last `window` ones
+    streaming:budget=0.25                   (or a budget: the newest `budget - sinks` tokens)
     h2o:budget=0.25,recent=32               H2O: the `recent` newest tokens plus the heavy hitters (most
                                             accumulated attention) up to `budget`, during decode too
     snapkv:budget=512,window=32,kernel=5    SnapKV: at the end of the prompt, each head keeps the tokens its
@@ -28,7 +29,7 @@ POLICY_KINDS = ("full", "streaming", "h2o", "snapkv")
 # parameters each kind accepts, with defaults (None: required)
 _PARAMS: dict[str, dict[str, float | int | None]] = {
     "full": {},
-    "streaming": {"sinks": 4, "window": None},
+    "streaming": {"sinks": 4, "window": 0, "budget": 0},
     "h2o": {"budget": None, "recent": 32, "sinks": 4},
     "snapkv": {"budget": None, "window": 32, "kernel": 5, "sinks": 4},
 }
@@ -60,7 +61,7 @@ class KVPolicy:
 
     def budget_tokens(self, prompt_len: int) -> int:
         """Tokens kept per head for a prompt of `prompt_len` tokens."""
-        if self.kind == "streaming":
+        if self.kind == "streaming" and self.window:
             return self.sinks + self.window
         if self.budget < 1:
             return max(1, math.ceil(self.budget * prompt_len))
@@ -78,7 +79,11 @@ class KVPolicy:
     def __str__(self) -> str:
         if self.kind == "full":
             return "full"
-        fields = [f"{name}={self._fmt(getattr(self, name))}" for name in _PARAMS[self.kind]]
+        fields = [
+            f"{name}={self._fmt(getattr(self, name))}"
+            for name in _PARAMS[self.kind]
+            if not (self.kind == "streaming" and name in ("window", "budget") and not getattr(self, name))
+        ]
         return f"{self.kind}:{','.join(fields)}"
 
     @staticmethod
@@ -129,9 +134,9 @@ def parse_kv_policy(text: str | KVPolicy | None) -> KVPolicy:
 def _check(p: KVPolicy) -> None:
     if p.sinks < 0:
         raise ValueError(f"KV policy sinks must be >= 0, got {p.sinks}")
-    if p.kind == "streaming" and p.window < 1:
-        raise ValueError(f"KV policy streaming needs window >= 1, got {p.window}")
-    if p.kind in ("h2o", "snapkv"):
+    if p.kind == "streaming" and (p.window < 0 or (p.window > 0) == (p.budget > 0)):
+        raise ValueError("KV policy streaming needs window=N (newest tokens kept) or budget=B, one of them")
+    if p.kind in ("h2o", "snapkv") or (p.kind == "streaming" and p.budget):
         if not (0 < p.budget < 1 or (p.budget >= 1 and float(p.budget).is_integer())):
             raise ValueError(
                 f"KV policy budget must be a token count (an integer >= 1) or a fraction in (0, 1), got {p.budget}"
