@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.kv.cache import LayerKV, dequantize_int8, quantize_int8
+from tokenmill.kv.cache import LayerKV, dequantize_int4, dequantize_int8, int4_groups, quantize_int4, quantize_int8
 from tokenmill.layers.attention import (
     AttentionRow,
     PagedAttention,
@@ -199,3 +199,56 @@ def test_int8_quantize_on_write_matches_the_torch_quantizer():
     torch.testing.assert_close(vs, expected.v_scale)
     assert (kc.int() - expected.k.int()).abs().max() <= 1
     assert (vc.int() - expected.v.int()).abs().max() <= 1
+
+
+# ---- int4 KV blocks ---------------------------------------------------------------------------------------
+def test_int4_quantization_error_is_within_half_a_step():
+    x = torch.randn(50, 3, 64, generator=torch.Generator().manual_seed(5)) * 4
+    groups = int4_groups(64)
+    packed, sm = quantize_int4(x, groups)
+    assert packed.dtype == torch.uint8 and packed.shape == (50, 3, 32) and sm.shape == (50, 3, 2, 2)
+    err = (dequantize_int4(packed, sm) - x).abs().view(50, 3, groups, -1)
+    step = sm[..., 0].float().unsqueeze(-1)
+    assert bool((err <= step / 2 + 2e-3 * x.abs().max()).all())  # + the fp16 rounding of min
+    assert int4_groups(16) == 2 and int4_groups(128) == 4
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_int4_paged_attention_reads_packed_blocks(rows_case, kernel):
+    """The packed int4 kernel equals plain attention over the dequantized cache."""
+    q, k_cache, v_cache, tables, seq_lens, qsl, group = rows_case
+    groups = int4_groups(k_cache.shape[-1])
+    (kc, ks), (vc, vs) = quantize_int4(k_cache, groups), quantize_int4(v_cache, groups)
+    h, d = q.shape[1], q.shape[2]
+    attn = PagedAttention(h, h // group, d, kernel=load_cpu_kernels().paged_attention if kernel else None)
+    out, lse = attn.paged(q, LayerKV(kc, vc, ks, vs), tables, seq_lens, qsl, return_lse=True)
+    ref_out, ref_lse = reference_rows(
+        q, dequantize_int4(kc, ks), dequantize_int4(vc, vs), tables, seq_lens, qsl, group, d**-0.5
+    )
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_int4_quantize_on_write_matches_the_torch_quantizer():
+    kernels = load_cpu_kernels()
+    g = torch.Generator().manual_seed(6)
+    t, h, hkv, d, bs = 7, 6, 2, 64, 4
+    groups = int4_groups(d)
+    qkv = torch.randn(t, (h + 2 * hkv) * d, generator=g)
+    cos, sin = torch.ones(t, d // 2), torch.zeros(t, d // 2)
+    slots = torch.tensor([0, 5, 6, 9, 3, -1, 12])
+    kc = torch.zeros(4, hkv, bs, d // 2, dtype=torch.uint8)
+    vc = torch.zeros_like(kc)
+    ks = torch.zeros(4, hkv, bs, groups, 2, dtype=torch.float16)
+    vs = torch.zeros_like(ks)
+    expected = LayerKV(kc.clone(), vc.clone(), ks.clone(), vs.clone())
+    keys = qkv[:, h * d : (h + hkv) * d].reshape(t, hkv, d).clone()
+    values = qkv[:, (h + hkv) * d :].reshape(t, hkv, d).clone()
+    expected.write(keys, values, slots)
+    kernels.rope_kv_write(qkv, cos, sin, kc, vc, ks, vs, slots, h, hkv)
+    torch.testing.assert_close(ks, expected.k_scale)
+    torch.testing.assert_close(vs, expected.v_scale)
+    got = dequantize_int4(kc, ks)
+    want = dequantize_int4(expected.k, expected.k_scale)
+    step = ks[..., 0].float().repeat_interleave(d // groups, dim=-1)
+    assert bool(((got - want).abs() <= step + 1e-6).all())  # codes equal, or one step apart on a tie

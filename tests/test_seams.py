@@ -162,10 +162,30 @@ def test_int8_kv_admits_more_tokens_and_stays_close(tiny_model_dir):
     assert all(len(o.outputs[0].token_ids) == 24 for o in out)
 
 
-def test_int8_kv_torch_and_cpp_paths_agree(tiny_model_dir):
+def test_int4_kv_admits_more_tokens_and_stays_close(tiny_model_dir):
+    full = LLM(str(tiny_model_dir), kv_cache_memory="8MiB", kernels="cpp")
+    int4 = LLM(str(tiny_model_dir), kv_cache_memory="8MiB", kernels="cpp", kv_cache_dtype="int4")
+    ratio = int4.engine.block_manager.num_blocks / full.engine.block_manager.num_blocks
+    d = full.engine.model_config.head_dim
+    assert ratio == pytest.approx(4 * d / (d / 2 + 4 * int4.engine.kv_spec.int4_groups), rel=0.01)
+    ids = [(5 * i) % 700 + 3 for i in range(40)]
+    logits = []
+    for llm in (full, int4):
+        seq = _runner_sequence([0, 1, 2], ids[:30])
+        llm.engine.runner.execute(ScheduledBatch([ScheduledSeq(seq, 30)]))
+        seq.num_computed_tokens, seq.token_ids = 30, list(ids)
+        logits.append(
+            llm.engine.runner.execute(ScheduledBatch([ScheduledSeq(seq, 10, extra_logits=9)])).logits
+        )
+    rel = (logits[0] - logits[1]).norm() / logits[0].norm()
+    assert 0 < rel < 0.25
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_kv_torch_and_cpp_paths_agree(tiny_model_dir, dtype):
     runs = []
     for kernels in ("cpp", "torch"):
-        llm = LLM(str(tiny_model_dir), kv_cache_memory="8MiB", kernels=kernels, kv_cache_dtype="int8")
+        llm = LLM(str(tiny_model_dir), kv_cache_memory="8MiB", kernels=kernels, kv_cache_dtype=dtype)
         seq = _runner_sequence([3, 1], [(7 * i) % 600 + 9 for i in range(20)])
         runs.append(
             llm.engine.runner.execute(ScheduledBatch([ScheduledSeq(seq, 20, extra_logits=19)])).logits

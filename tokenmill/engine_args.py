@@ -122,8 +122,9 @@ class EngineArgs:
             "--kv-cache-dtype",
             default=d.kv_cache_dtype,
             choices=KV_CACHE_DTYPES,
-            help="how K/V are stored: auto (the activations' dtype) or int8 (one scale per token and head, "
-            "quantized on write, attended from the packed blocks; --kv-cache-memory then holds ~3.8x the tokens) "
+            help="how K/V are stored: auto (the activations' dtype), int8 (one scale per token and head) or int4 "
+            "(an fp16 scale and min per group of 32); quantized on write and attended from the packed blocks, so "
+            "--kv-cache-memory holds ~3.8x (int8) or ~6.4x (int4) the tokens of fp32 "
             f"(default: {d.kv_cache_dtype})",
         )
         g.add_argument(

@@ -36,6 +36,40 @@ def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return codes.float() * scale.unsqueeze(-1)
 
 
+def int4_groups(head_dim: int) -> int:
+    """Quantization groups per head vector in the int4 format: groups of 32 elements where the head allows
+    (fewer for small heads), each within one half of the vector (the halves share bytes, one per nibble)."""
+    half = head_dim // 2
+    if head_dim % 2 or half == 0:
+        raise ValueError(f"kv_cache_dtype int4 needs an even head_dim, got {head_dim}")
+    size = next(g for g in (32, 16, 8, 4, 2, 1) if half % g == 0)
+    return head_dim // size
+
+
+def quantize_int4(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit over groups of the last dimension: codes `[..., D / 2]` uint8 (byte j: element j in
+    the low nibble, element j + D/2 in the high one) and fp16 (scale, min) pairs `[..., groups, 2]`. The C++
+    KV write computes the same codes (with the fp16-rounded scale and min, rounded half to even)."""
+    x = x.float()
+    d = x.shape[-1]
+    xg = x.view(*x.shape[:-1], groups, d // groups)
+    lo, hi = xg.amin(dim=-1), xg.amax(dim=-1)
+    scale, low = ((hi - lo) / 15.0).half().float(), lo.half().float()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round((xg - low.unsqueeze(-1)) / safe.unsqueeze(-1)).clamp_(0, 15).to(torch.uint8)
+    codes = codes.view(*x.shape[:-1], d)
+    packed = codes[..., : d // 2] | (codes[..., d // 2 :] << 4)
+    return packed, torch.stack([scale, low], dim=-1).half()
+
+
+def dequantize_int4(packed: torch.Tensor, scale_min: torch.Tensor) -> torch.Tensor:
+    codes = torch.cat([packed & 15, packed >> 4], dim=-1).float()
+    groups = scale_min.shape[-2]
+    sm = scale_min.float()
+    cg = codes.view(*codes.shape[:-1], groups, -1)
+    return (cg * sm[..., 0:1] + sm[..., 1:2]).view(codes.shape)
+
+
 @dataclass
 class LayerKV:
     """One layer's K and V, `[num_blocks, num_kv_heads, block_size, head_dim]` views of the cache, with the
@@ -51,6 +85,10 @@ class LayerKV:
         return self.k_scale is not None
 
     @property
+    def int4(self) -> bool:
+        return self.k.dtype == torch.uint8
+
+    @property
     def block_size(self) -> int:
         return self.k.shape[2]
 
@@ -61,7 +99,12 @@ class LayerKV:
             k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
         bs = self.block_size
         blocks, offsets = slot_mapping // bs, slot_mapping % bs
-        if self.quantized:
+        if self.int4:
+            groups = self.k_scale.shape[-2]
+            (kc, ks), (vc, vs) = quantize_int4(k, groups), quantize_int4(v, groups)
+            self.k[blocks, :, offsets], self.k_scale[blocks, :, offsets] = kc, ks
+            self.v[blocks, :, offsets], self.v_scale[blocks, :, offsets] = vc, vs
+        elif self.quantized:
             (kc, ks), (vc, vs) = quantize_int8(k), quantize_int8(v)
             self.k[blocks, :, offsets], self.k_scale[blocks, :, offsets] = kc, ks
             self.v[blocks, :, offsets], self.v_scale[blocks, :, offsets] = vc, vs
@@ -72,6 +115,10 @@ class LayerKV:
     def blocks(self, block_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the given blocks `[..., num_kv_heads, block_size, head_dim]` in `dtype`: the torch
         reference path's read (a copy; the C++ kernels read packed blocks in place)."""
+        if self.int4:
+            k = dequantize_int4(self.k[block_ids], self.k_scale[block_ids])
+            v = dequantize_int4(self.v[block_ids], self.v_scale[block_ids])
+            return k.to(dtype), v.to(dtype)
         if self.quantized:
             k = dequantize_int8(self.k[block_ids], self.k_scale[block_ids])
             v = dequantize_int8(self.v[block_ids], self.v_scale[block_ids])
@@ -88,7 +135,7 @@ class KVCacheSpec:
     head_dim: int
     block_size: int
     dtype: torch.dtype  # the activations' dtype: what attention computes in
-    cache_dtype: str = "auto"  # auto (store in `dtype`) | int8 (one fp32 scale per token and head)
+    cache_dtype: str = "auto"  # auto (store in `dtype`) | int8 (an fp32 scale per token and head) | int4
 
     def __post_init__(self) -> None:
         if self.cache_dtype not in KV_CACHE_DTYPES:
@@ -105,11 +152,17 @@ class KVCacheSpec:
 
     @property
     def quantized(self) -> bool:
-        return self.cache_dtype == "int8"
+        return self.cache_dtype in ("int8", "int4")
+
+    @property
+    def int4_groups(self) -> int:
+        return int4_groups(self.head_dim)
 
     @property
     def bytes_per_token(self) -> int:
-        if self.quantized:  # an int8 code per element and an fp32 scale per (token, head)
+        if self.cache_dtype == "int4":  # a nibble per element and an fp16 (scale, min) pair per group
+            per_head = self.head_dim // 2 + 4 * self.int4_groups
+        elif self.quantized:  # an int8 code per element and an fp32 scale per (token, head)
             per_head = self.head_dim + 4
         else:
             per_head = self.head_dim * torch.empty((), dtype=self.dtype).element_size()
@@ -138,9 +191,13 @@ class KVCache:
         self.device = device
         shape = (spec.num_layers, 2, num_blocks, spec.num_kv_heads, spec.block_size, spec.head_dim)
         alloc = torch.zeros if zero else torch.empty
-        self.data = alloc(shape, dtype=torch.int8 if spec.quantized else spec.dtype, device=device)
-        # per-(token, head) scales of a quantized format: [layers, 2, num_blocks, num_kv_heads, block_size]
-        self.scales = alloc(shape[:-1], dtype=torch.float32, device=device) if spec.quantized else None
+        if spec.cache_dtype == "int4":  # two codes per byte; fp16 (scale, min) per group
+            self.data = alloc((*shape[:-1], spec.head_dim // 2), dtype=torch.uint8, device=device)
+            self.scales = alloc((*shape[:-1], spec.int4_groups, 2), dtype=torch.float16, device=device)
+        else:
+            self.data = alloc(shape, dtype=torch.int8 if spec.quantized else spec.dtype, device=device)
+            # per-(token, head) scales of int8: [layers, 2, num_blocks, num_kv_heads, block_size]
+            self.scales = alloc(shape[:-1], dtype=torch.float32, device=device) if spec.quantized else None
         self._layers = [
             LayerKV(self.data[i, 0], self.data[i, 1])
             if self.scales is None
@@ -154,7 +211,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        scales = 0 if self.scales is None else self.scales.numel() * 4
+        scales = 0 if self.scales is None else self.scales.numel() * self.scales.element_size()
         return self.data.numel() * self.data.element_size() + scales
 
     def layer(self, index: int) -> LayerKV:

@@ -18,25 +18,35 @@
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 // T: the queries' (and output's) type; C: the cache's element type. An int8 cache comes with one fp32 scale
 // per (token, head) for K (ks) and V (vs), applied to whole dot products and to each softmax weight, so the
-// packed blocks are read in place and never dequantized into a copy.
+// packed blocks are read in place and never dequantized into a copy. An int4 cache (C = uint8_t) packs two
+// codes per byte (byte j: element j in the low nibble, element j + D/2 in the high one) with an fp16
+// (scale, min) pair per group of `D / G` elements: a dot product is sum_g scale_g * (q_g . codes_g) +
+// min_g * sum(q_g), and a value row is added group by group as p * scale_g * code + p * min_g.
 template <typename T, typename C>
-static void attention_kernel(const T* q, const C* kc, const C* vc, const float* ks, const float* vs,
+static void attention_kernel(const T* q, const C* kc, const C* vc, const void* ks_, const void* vs_, int64_t G,
                              const int64_t* tables, const int64_t* lens, const int64_t* qsl, T* out, float* lse,
                              float* score_out, const int64_t* score_from, int64_t score_len, int64_t B, int64_t H,
                              int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float scale) {
-  const int64_t G = H / Hkv;
+  constexpr bool int4 = std::is_same<C, uint8_t>::value;
+  const float* ks = int4 ? nullptr : static_cast<const float*>(ks_);
+  const float* vs = int4 ? nullptr : static_cast<const float*>(vs_);
+  const at::Half* ksm = int4 ? static_cast<const at::Half*>(ks_) : nullptr;
+  const at::Half* vsm = int4 ? static_cast<const at::Half*>(vs_) : nullptr;
+  const int64_t NG = int4 ? G : 1, grp = D / NG, halfD = D / 2, row_elems = int4 ? D / 2 : D;
+  const int64_t QG = H / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf, acc, maxs, sums;
+    std::vector<float> scores, qf, acc, maxs, sums, qsum;
     std::vector<int64_t> visible;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
       const int64_t L = lens[b], q0 = qsl[b], n = qsl[b + 1] - q0;
       if (n <= 0) continue;
-      const int64_t R = n * G;  // query rows of this task: (token j, head g) -> j * G + g
+      const int64_t R = n * QG;  // query rows of this task: (token j, head g) -> j * QG + g
       const int64_t first = L - n;  // keys every query sees; query j also sees keys first .. first + j
       const int64_t* table = tables + b * max_blocks;
       scores.resize(R * L);
@@ -46,25 +56,49 @@ static void attention_kernel(const T* q, const C* kc, const C* vc, const float* 
       sums.assign(R, 0.f);
       visible.resize(R);
       for (int64_t j = 0; j < n; ++j)
-        for (int64_t g = 0; g < G; ++g) {
-          const T* src = q + ((q0 + j) * H + h * G + g) * D;
-          float* dst = qf.data() + (j * G + g) * D;
+        for (int64_t g = 0; g < QG; ++g) {
+          const T* src = q + ((q0 + j) * H + h * QG + g) * D;
+          float* dst = qf.data() + (j * QG + g) * D;
           for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<float>(src[i]) * scale;
-          visible[j * G + g] = first + j + 1;
+          visible[j * QG + g] = first + j + 1;
         }
+      if constexpr (int4) {  // per-group sums of each query row, for the min terms
+        qsum.assign(R * NG, 0.f);
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t g = 0; g < NG; ++g)
+            for (int64_t i = 0; i < grp; ++i) qsum[r * NG + g] += qf[r * D + g * grp + i];
+      }
       for (int64_t t = 0; t < L; ++t) {
         const int64_t row = (table[t / bs] * Hkv + h) * bs + t % bs;
-        const C* k = kc + row * D;
-        const float k_scale = ks != nullptr ? ks[row] : 1.f;
-        const int64_t r0 = t < first ? 0 : (t - first) * G;  // rows whose query sees key t
-        for (int64_t r = r0; r < R; ++r) {
-          const float* qr = qf.data() + r * D;
-          float s = 0.f;
+        const C* k = kc + row * row_elems;
+        const int64_t r0 = t < first ? 0 : (t - first) * QG;  // rows whose query sees key t
+        if constexpr (int4) {
+          const at::Half* sm = ksm + row * NG * 2;
+          for (int64_t r = r0; r < R; ++r) {
+            const float* qr = qf.data() + r * D;
+            float s = 0.f;
+            for (int64_t g = 0; g < NG; ++g) {
+              const int64_t e0 = g * grp, b0 = e0 % halfD, shift = e0 >= halfD ? 4 : 0;
+              float part = 0.f;
+#pragma omp simd reduction(+ : part)
+              for (int64_t i = 0; i < grp; ++i) part += qr[e0 + i] * static_cast<float>((k[b0 + i] >> shift) & 15);
+              s += static_cast<float>(sm[2 * g]) * part + static_cast<float>(sm[2 * g + 1]) * qsum[r * NG + g];
+            }
+            scores[r * L + t] = s;
+            maxs[r] = std::max(maxs[r], s);
+          }
+          continue;
+        } else {
+          const float k_scale = ks != nullptr ? ks[row] : 1.f;
+          for (int64_t r = r0; r < R; ++r) {
+            const float* qr = qf.data() + r * D;
+            float s = 0.f;
 #pragma omp simd reduction(+ : s)
-          for (int64_t i = 0; i < D; ++i) s += qr[i] * static_cast<float>(k[i]);
-          s *= k_scale;
-          scores[r * L + t] = s;
-          maxs[r] = std::max(maxs[r], s);
+            for (int64_t i = 0; i < D; ++i) s += qr[i] * static_cast<float>(k[i]);
+            s *= k_scale;
+            scores[r * L + t] = s;
+            maxs[r] = std::max(maxs[r], s);
+          }
         }
       }
       for (int64_t r = 0; r < R; ++r) {
@@ -81,7 +115,7 @@ static void attention_kernel(const T* q, const C* kc, const C* vc, const float* 
       }
       if (score_out != nullptr && score_from[b] >= 0) {  // attention weights each key slot receives
         float* dst = score_out + (b * Hkv + h) * score_len;
-        for (int64_t r = score_from[b] * G; r < R; ++r) {
+        for (int64_t r = score_from[b] * QG; r < R; ++r) {
           const float* sr = scores.data() + r * L;
           const float inv = 1.f / sums[r];
           const int64_t vis = visible[r];
@@ -91,19 +125,33 @@ static void attention_kernel(const T* q, const C* kc, const C* vc, const float* 
       }
       for (int64_t t = 0; t < L; ++t) {
         const int64_t row = (table[t / bs] * Hkv + h) * bs + t % bs;
-        const C* v = vc + row * D;
-        const float v_scale = vs != nullptr ? vs[row] : 1.f;
-        const int64_t r0 = t < first ? 0 : (t - first) * G;
-        for (int64_t r = r0; r < R; ++r) {
-          const float p = scores[r * L + t] * v_scale;
-          float* ar = acc.data() + r * D;
+        const C* v = vc + row * row_elems;
+        const int64_t r0 = t < first ? 0 : (t - first) * QG;
+        if constexpr (int4) {
+          const at::Half* sm = vsm + row * NG * 2;
+          for (int64_t r = r0; r < R; ++r) {
+            const float p = scores[r * L + t];
+            float* ar = acc.data() + r * D;
+            for (int64_t g = 0; g < NG; ++g) {
+              const int64_t e0 = g * grp, b0 = e0 % halfD, shift = e0 >= halfD ? 4 : 0;
+              const float w = p * static_cast<float>(sm[2 * g]), m = p * static_cast<float>(sm[2 * g + 1]);
 #pragma omp simd
-          for (int64_t i = 0; i < D; ++i) ar[i] += p * static_cast<float>(v[i]);
+              for (int64_t i = 0; i < grp; ++i) ar[e0 + i] += w * static_cast<float>((v[b0 + i] >> shift) & 15) + m;
+            }
+          }
+        } else {
+          const float v_scale = vs != nullptr ? vs[row] : 1.f;
+          for (int64_t r = r0; r < R; ++r) {
+            const float p = scores[r * L + t] * v_scale;
+            float* ar = acc.data() + r * D;
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) ar[i] += p * static_cast<float>(v[i]);
+          }
         }
       }
       for (int64_t j = 0; j < n; ++j)
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t r = j * G + g, head = h * G + g;
+        for (int64_t g = 0; g < QG; ++g) {
+          const int64_t r = j * QG + g, head = h * QG + g;
           T* dst = out + ((q0 + j) * H + head) * D;
           const float inv = 1.f / sums[r];
           for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<T>(acc[r * D + i] * inv);
@@ -114,7 +162,8 @@ static void attention_kernel(const T* q, const C* kc, const C* vc, const float* 
 }
 
 // q [T, H, D]; k_cache, v_cache [num_blocks, Hkv, block_size, D] in q's dtype, or int8 with k_scale, v_scale
-// [num_blocks, Hkv, block_size] fp32 (then q is fp32); block_tables [B, max_blocks] int64; seq_lens [B] int64
+// [num_blocks, Hkv, block_size] fp32, or int4 as uint8 [num_blocks, Hkv, block_size, D / 2] with k_scale,
+// v_scale [num_blocks, Hkv, block_size, G, 2] fp16 (scale, min per group) (quantized: q is fp32); block_tables [B, max_blocks] int64; seq_lens [B] int64
 // (>= the row's query count); query_start_loc [B + 1] int64, rows of q in order. Returns (out [T, H, D],
 // lse [T, H] fp32, empty unless return_lse). Rows of q outside every range stay uninitialized.
 // scores [B, Hkv, >= max seq_len] fp32 (optional, accumulated into) with score_from [B] int64: see above.
@@ -126,17 +175,18 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "paged_attention: q [T, H, D], cache [blocks, Hkv, bs, D]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "cache must be contiguous");
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "K and V caches must share a dtype");
-  const bool quantized = k_cache.scalar_type() == at::kChar;
-  TORCH_CHECK(quantized == (k_scale.has_value() && v_scale.has_value()), "an int8 cache needs K and V scales");
+  const bool int4 = k_cache.scalar_type() == at::kByte;
+  const bool quantized = int4 || k_cache.scalar_type() == at::kChar;
+  TORCH_CHECK(quantized == (k_scale.has_value() && v_scale.has_value()), "a quantized cache needs K and V scales");
   TORCH_CHECK(quantized ? q.scalar_type() == at::kFloat : q.scalar_type() == k_cache.scalar_type(),
-              "q must be fp32 over an int8 cache, else share the cache's dtype");
+              "q must be fp32 over a quantized cache, else share the cache's dtype");
   q = q.contiguous();
   block_tables = block_tables.to(torch::kLong).contiguous();
   seq_lens = seq_lens.to(torch::kLong).contiguous();
   query_start_loc = query_start_loc.to(torch::kLong).contiguous();
   const int64_t B = seq_lens.size(0), H = q.size(1), D = q.size(2);
   const int64_t Hkv = k_cache.size(1), bs = k_cache.size(2);
-  TORCH_CHECK(H % Hkv == 0 && k_cache.size(3) == D, "head layout mismatch");
+  TORCH_CHECK(H % Hkv == 0 && k_cache.size(3) * (int4 ? 2 : 1) == D, "head layout mismatch");
   TORCH_CHECK(query_start_loc.size(0) == B + 1 && block_tables.size(0) == B, "one table and length per row");
   auto out = torch::empty_like(q);
   torch::Tensor lse = return_lse ? torch::empty({q.size(0), H}, q.options().dtype(torch::kFloat))
@@ -158,12 +208,27 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
     score_from_ptr = score_from_c.data_ptr<int64_t>();
     score_len = scores->size(2);
   }
+  if (int4) {
+    torch::Tensor ks = k_scale->contiguous(), vs = v_scale->contiguous();
+    TORCH_CHECK(ks.scalar_type() == at::kHalf && vs.scalar_type() == at::kHalf && ks.dim() == 5 && ks.size(4) == 2 &&
+                    ks.sizes() == vs.sizes() && ks.size(0) == k_cache.size(0) && D % ks.size(3) == 0,
+                "int4 scales: fp16 [blocks, Hkv, block_size, groups, 2]");
+    const int64_t G = ks.size(3);
+    TORCH_CHECK((D / 2) % (D / G) == 0, "int4: a group must lie within one half of the head");
+    attention_kernel<float, uint8_t>(q.data_ptr<float>(), k_cache.data_ptr<uint8_t>(), v_cache.data_ptr<uint8_t>(),
+                                     ks.data_ptr<at::Half>(), vs.data_ptr<at::Half>(), G,
+                                     block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
+                                     query_start_loc.data_ptr<int64_t>(), out.data_ptr<float>(), lse_ptr, score_ptr,
+                                     score_from_ptr, score_len, B, H, Hkv, D, bs, block_tables.size(1),
+                                     static_cast<float>(scale));
+    return {out, lse};
+  }
   if (quantized) {
     torch::Tensor ks = k_scale->contiguous(), vs = v_scale->contiguous();
     TORCH_CHECK(ks.scalar_type() == at::kFloat && ks.numel() == k_cache.numel() / D, "k_scale: fp32 per token/head");
     TORCH_CHECK(vs.scalar_type() == at::kFloat && vs.numel() == v_cache.numel() / D, "v_scale: fp32 per token/head");
     attention_kernel<float, int8_t>(q.data_ptr<float>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
-                                    ks.data_ptr<float>(), vs.data_ptr<float>(), block_tables.data_ptr<int64_t>(),
+                                    ks.data_ptr<float>(), vs.data_ptr<float>(), 1, block_tables.data_ptr<int64_t>(),
                                     seq_lens.data_ptr<int64_t>(), query_start_loc.data_ptr<int64_t>(),
                                     out.data_ptr<float>(), lse_ptr, score_ptr, score_from_ptr, score_len, B, H, Hkv, D, bs, block_tables.size(1),
                                     static_cast<float>(scale));
@@ -171,7 +236,7 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
     attention_kernel<scalar_t, scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
-                                         v_cache.data_ptr<scalar_t>(), nullptr, nullptr,
+                                         v_cache.data_ptr<scalar_t>(), nullptr, nullptr, 1,
                                          block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
                                          query_start_loc.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), lse_ptr, score_ptr,
                                          score_from_ptr, score_len, B, H, Hkv, D, bs, block_tables.size(1), static_cast<float>(scale));
