@@ -46,7 +46,7 @@ serve: $(VENV)/.installed
 	$(BIN)/tokenmill serve --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed-test browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check tokenmill tests benchmarks

@@ -137,9 +137,12 @@ def test_markdown_renderer_escapes_and_formats():
     for name, expected in EXPECTED.items():
         assert out[name] == expected, name
     code = out["code"]
-    assert '<pre><code class="language-python">if a &lt; b and c &gt; d:\n    print(&#39;&lt;b&gt;&#39;)</code></pre>' in code
+    assert (
+        '<pre><code class="language-python">if a &lt; b and c &gt; d:\n    print(&#39;&lt;b&gt;&#39;)</code></pre>'
+        in code
+    )
     assert code.startswith("<p>Run:</p>") and code.endswith("<p>done</p>")
-    assert "<pre><code class=\"language-js\">let x = &#39;&lt;i&gt;&#39;</code></pre>" in out["unclosed"]
+    assert '<pre><code class="language-js">let x = &#39;&lt;i&gt;&#39;</code></pre>' in out["unclosed"]
     for name, html in out.items():
         for tag, attrs in re.findall(r"<(\w+)([^>]*)>", html):
             assert tag in ALLOWED_TAGS, (name, tag)

@@ -25,17 +25,23 @@ PAGE_TIMEOUT_S = 60.0
 
 def _chromium() -> tuple[str, str]:
     """Paths of chromium and chromedriver, or skip saying what is missing."""
-    browser = os.environ.get("TOKENMILL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    browser = (
+        os.environ.get("TOKENMILL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    )
     driver = os.environ.get("TOKENMILL_CHROMEDRIVER") or shutil.which("chromedriver")
     if browser is None or driver is None:
         missing = " and ".join(n for n, p in (("chromium", browser), ("chromedriver", driver)) if p is None)
-        pytest.skip(f"{missing} not installed (Debian: apt-get install chromium chromium-driver; `make test` does it as root)")
+        pytest.skip(
+            f"{missing} not installed (Debian: apt-get install chromium chromium-driver; `make test` does it as root)"
+        )
     return browser, driver
 
 
 @pytest.fixture(scope="module")
 def artifacts(request) -> Path:
-    folder = Path(os.environ.get("TOKENMILL_TEST_ARTIFACTS", request.config.rootpath / "test-artifacts")) / "web"
+    folder = (
+        Path(os.environ.get("TOKENMILL_TEST_ARTIFACTS", request.config.rootpath / "test-artifacts")) / "web"
+    )
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -43,7 +49,9 @@ def artifacts(request) -> Path:
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
     browser, chromedriver = _chromium()
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    webdriver = pytest.importorskip(
+        "selenium.webdriver", reason="selenium is not installed (pip install selenium)"
+    )
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
@@ -100,7 +108,9 @@ def wait_for(predicate, timeout: float = PAGE_TIMEOUT_S, interval: float = 0.05,
 
 def open_page(driver, server) -> None:
     driver.get(server.url + "/")
-    wait_for(lambda: driver.execute_script("return document.getElementById('model').dataset.ready"), what="model")
+    wait_for(
+        lambda: driver.execute_script("return document.getElementById('model').dataset.ready"), what="model"
+    )
 
 
 def set_field(driver, element_id: str, value: str) -> None:
@@ -238,7 +248,9 @@ def test_settings_api_key_and_json_schema_errors(driver, server, http, artifacts
     set_field(driver, "max-tokens", "64")
     set_field(driver, "seed", "7")
     set_field(driver, "api-key", "sk-page-test")
-    wait_for(lambda: driver.execute_script("return document.getElementById('model').dataset.ready"), what="model")
+    wait_for(
+        lambda: driver.execute_script("return document.getElementById('model').dataset.ready"), what="model"
+    )
     driver.find_element("id", "json-mode").click()
     assert driver.find_element("id", "schema").is_displayed()
 
@@ -266,10 +278,14 @@ def test_settings_api_key_and_json_schema_errors(driver, server, http, artifacts
     assert header(request, "Authorization") == "Bearer sk-page-test"
     assert header(request, "Content-Type") == "application/json"
     body = json.loads(request["postData"])
-    assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "reply", "schema": schema},
+    }
     assert body["messages"][0] == {"role": "system", "content": "You answer in one word."}
     assert body["seed"] == 7 and body["max_tokens"] == 64
-    direct = http.post("/v1/chat/completions", json={**body, "stream": False})
+    plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    direct = http.post("/v1/chat/completions", json=plain)
     if direct.status_code != 200:  # the server refuses the schema: the page shows its own message
         assert reply["state"] == "error", reply
         err = direct.json()["error"]
@@ -298,7 +314,9 @@ def test_phone_width_layout_and_safe_markdown(driver, server, artifacts):
         assert not settings.is_displayed()
 
         # Model text can never become markup: the renderer the page uses, given hostile text.
-        hostile = "<img src=x onerror=\"window.__owned=1\"> **bold**\n```html\n<script>window.__owned=2</script>\n```"
+        hostile = (
+            '<img src=x onerror="window.__owned=1"> **bold**\n```html\n<script>window.__owned=2</script>\n```'
+        )
         result = driver.execute_script(
             "const d = document.createElement('div'); d.className = 'md';"
             "d.innerHTML = TokenmillMarkdown.render(arguments[0]); document.body.append(d);"

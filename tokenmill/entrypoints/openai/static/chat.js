@@ -336,6 +336,8 @@
     }
 
     renderReply(view, reply, json);
+    view.body.hidden = !reply && state === "error"; // only the error box, no empty reply
+    if (!reply && state === "stopped") view.body.textContent = "(stopped before the first token)";
     view.wrap.dataset.state = state;
     stats.textContent = describe({ t0, tFirst, tLast, usage, chunks, finish, state });
     if (tFirst !== null) stats.dataset.ttftMs = String(Math.round(tFirst - t0));
