@@ -75,7 +75,8 @@ def driver(tmp_path_factory):
     try:
         drv = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
     except Exception as exc:  # a browser that cannot start here is a skip, with the reason
-        pytest.skip(f"chromium did not start: {type(exc).__name__}: {str(exc).strip()[:500]}")
+        reason = " ".join(str(getattr(exc, "msg", None) or exc).split("Stacktrace:")[0].split())
+        pytest.skip(f"chromium did not start: {type(exc).__name__}: {reason[:400]}")
     drv.set_script_timeout(30)
     yield drv
     drv.quit()

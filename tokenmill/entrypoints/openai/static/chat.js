@@ -43,6 +43,9 @@
   let modelName = null;
   const history = []; // the turns sent as context: {role, content}
   let current = null; // the reply in flight: {controller}
+  let conversation = 0; // bumped by "New chat", so that a reply stopped by it stays out of the new history
+  // Touch keyboards have no Shift+Enter: there Enter is a new line and the Send button sends.
+  const enterSends = !window.matchMedia("(pointer: coarse)").matches;
 
   // ---- settings ---------------------------------------------------------------------------------------
   function loadSettings() {
@@ -255,6 +258,7 @@
     view.wrap.append(stats);
 
     const controller = new AbortController();
+    const turnOf = conversation;
     current = { controller };
     setBusy(true);
     const t0 = performance.now();
@@ -329,6 +333,7 @@
       else {
         state = "error";
         error = e.message || String(e);
+        controller.abort(); // close the stream if it is still open: the server then frees the request
       }
     } finally {
       current = null;
@@ -343,7 +348,7 @@
     if (tFirst !== null) stats.dataset.ttftMs = String(Math.round(tFirst - t0));
     stats.dataset.finish = state === "done" ? finish || "" : state;
     if (state === "error") showError(error, view);
-    if (state !== "error" && reply) {
+    if (state !== "error" && reply && turnOf === conversation) {
       history.push({ role: "user", content: text }, { role: "assistant", content: reply });
     } else if (state === "error" && !els.prompt.value) {
       els.prompt.value = text; // to retry after fixing the settings
@@ -379,7 +384,7 @@
     if (!(await send(text)) && !els.prompt.value) els.prompt.value = text;
   });
   els.prompt.addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    if (enterSends && e.key === "Enter" && !e.shiftKey && !e.isComposing) {
       e.preventDefault();
       els.composer.requestSubmit();
     }
@@ -390,6 +395,7 @@
   });
   els.newChat.addEventListener("click", () => {
     if (current) current.controller.abort();
+    conversation += 1;
     history.length = 0;
     for (const node of [...els.messages.querySelectorAll(".msg")]) node.remove();
     els.empty.hidden = false;
@@ -420,6 +426,7 @@
     else done("no clipboard");
   });
 
+  if (!enterSends) els.prompt.placeholder = "Message";
   loadSettings();
   setSettingsOpen(window.matchMedia("(min-width: 761px)").matches);
   loadModel();
