@@ -71,7 +71,8 @@ def driver(tmp_path_factory):
         "--window-size=1280,900",
     ):
         options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # the requests the page sends
+    # The requests the page sends, and its console (script errors, CSP violations).
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
     try:
         drv = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
     except Exception as exc:  # a browser that cannot start here is a skip, with the reason
@@ -232,6 +233,8 @@ def test_reply_streams_and_stop_frees_the_request(driver, server, http, artifact
     assert last_reply(driver)["text"] == stopped["text"]
     assert driver.execute_script("return document.getElementById('send').hidden") is False
     driver.save_screenshot(str(artifacts / "stopped.png"))
+    severe = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, severe  # no script error, no blocked resource
 
     # The conversation goes on after a stop: the stopped reply is part of the context sent next.
     set_field(driver, "max-tokens", "8")
