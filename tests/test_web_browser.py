@@ -139,9 +139,10 @@ def last_reply(driver) -> dict:
     return driver.execute_script(
         "const m = [...document.querySelectorAll('.msg.assistant')].pop(); if (!m) return null;"
         "const s = m.querySelector('.stats'); const e = m.querySelector('.error-text');"
+        "const c = m.querySelector('.body pre code');"
         "return {state: m.dataset.state, text: m.querySelector('.body').textContent,"
         " html: m.querySelector('.body').innerHTML, stats: s.textContent, ttft: s.dataset.ttftMs || null,"
-        " finish: s.dataset.finish || null, error: e ? e.textContent : null};"
+        " finish: s.dataset.finish || null, error: e ? e.textContent : null, code: c ? c.textContent : null};"
     )
 
 
@@ -297,7 +298,7 @@ def test_settings_api_key_and_json_schema_errors(driver, server, http, artifacts
     else:  # the server constrains the reply: it is JSON of that schema
         assert reply["state"] == "done" and reply["error"] is None, reply
         if reply["finish"] == "stop":
-            assert isinstance(json.loads(reply["text"])["answer"], str), reply
+            assert isinstance(json.loads(reply["code"])["answer"], str), reply  # shown as a JSON block
     driver.save_screenshot(str(artifacts / "json-schema.png"))
     driver.find_element("id", "json-mode").click()
     set_field(driver, "api-key", "")
