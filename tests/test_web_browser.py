@@ -190,7 +190,7 @@ def test_reply_streams_and_stop_frees_the_request(driver, server, http, artifact
     chat_requests(driver)
 
     # A reply streams: its text grows over several renders before the reply is done.
-    send(driver, "Name three fruits as a short markdown list.")
+    send(driver, "List five fruits as a markdown list, each with a one-sentence description.")
     lengths = []
     deadline = time.monotonic() + PAGE_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -205,8 +205,10 @@ def test_reply_streams_and_stop_frees_the_request(driver, server, http, artifact
         time.sleep(0.02)
     assert reply["state"] == "done", reply
     assert len(reply["text"]) > 0 and reply["error"] is None
+    # Seen at >= 3 lengths while streaming, shorter than at the end. (Rendered text may shrink for a moment,
+    # when a closing ** turns "**bold" into "bold", so growth is not required between every two samples.)
     growing = [n for n in lengths if n > 0]
-    assert len(growing) >= 3 and growing == sorted(growing), lengths  # seen at >= 3 lengths while streaming
+    assert len(set(growing)) >= 3 and min(growing) < len(reply["text"]), lengths
     assert "TTFT" in reply["stats"] and "tok/s" in reply["stats"] and int(reply["ttft"]) > 0, reply
     assert reply["finish"] in ("stop", "length"), reply
     (request,) = chat_requests(driver)
