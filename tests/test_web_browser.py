@@ -97,6 +97,15 @@ def http(server):
         yield c
 
 
+@pytest.fixture(autouse=True)
+def screenshot_on_failure(request, driver, artifacts):
+    """A failing test leaves the page as it was, for CI's artifacts."""
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed:
+        driver.save_screenshot(str(artifacts / f"failed-{request.node.name}.png"))
+
+
 # ---- helpers --------------------------------------------------------------------------------------------
 def wait_for(predicate, timeout: float = PAGE_TIMEOUT_S, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
