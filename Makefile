@@ -23,14 +23,30 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
+# The web page's browser test (tests/test_web_browser.py) drives Debian's chromium + chromium-driver. Only
+# `make test` asks for them, and only installs them as root or with passwordless sudo; otherwise (or if apt
+# fails) it says so and the test skips with the reason. About 35 s on a fresh machine of this project.
+.PHONY: browser
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif ! command -v apt-get >/dev/null; then echo "browser test: no apt-get here; it will skip"; \
+	else \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+		else echo "browser test: not root and no passwordless sudo to install chromium; it will skip"; exit 0; fi; \
+		echo "installing chromium + chromium-driver for the browser test (apt-get)"; \
+		( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+			--no-install-recommends chromium chromium-driver >/dev/null ) \
+			|| echo "browser test: apt-get could not install chromium; it will skip"; \
+	fi
+
 .PHONY: install serve test lint bench
 install: $(VENV)/.installed
 
 serve: $(VENV)/.installed
 	$(BIN)/tokenmill serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q
+test: $(VENV)/.installed-test browser
+	$(BIN)/python -m pytest -q -rs
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check tokenmill tests benchmarks
