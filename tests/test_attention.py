@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.kv.cache import LayerKV, dequantize_int4, dequantize_int8, int4_groups, quantize_int4, quantize_int8
+from tokenmill.kv.cache import (
+    LayerKV,
+    dequantize_int4,
+    dequantize_int8,
+    int4_groups,
+    quantize_int4,
+    quantize_int8,
+)
 from tokenmill.layers.attention import (
     AttentionRow,
     PagedAttention,
