@@ -68,6 +68,9 @@ class _SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    timeout: float | None = Field(
+        None, gt=0, description="seconds this request may take, queue included (at most the server's limit)"
+    )
 
 
 # ---- completions ----------------------------------------------------------------------------------------
