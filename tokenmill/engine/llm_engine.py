@@ -290,11 +290,12 @@ class LLMEngine:
         logits fail at once, and a batch that raises is split in halves and each half retried (the K/V
         writes repeat into the same slots; generators are rewound) until the raising rows are alone.
         Returns the results and the failed requests (id -> reason); a healthy step runs once."""
+        # Generator states before the run (a few microseconds per row): a retried row draws what it would have.
+        states = {s.seq.seq_id: s.seq.generator.get_state() for s in batch.seqs}
         try:
             return self.runner.run(batch), {}
         except Exception as exc:
             first = exc
-        states = {s.seq.seq_id: s.seq.generator.get_state() for s in batch.seqs}
         results: dict[int, list[SampleResult]] = {}
         failed: dict[str, str] = {}
         pending: list[tuple[list[ScheduledSeq], Exception | None]] = [(batch.seqs, first)]
