@@ -81,7 +81,12 @@ class ServerOptions:
             default=None,
             help="characters of prompt / messages per request (default: 16 x the context length)",
         )
-        g.add_argument("--max-messages", type=int, default=lim.max_messages, help="(default: %(default)s)")
+        g.add_argument(
+            "--max-messages",
+            type=int,
+            default=lim.max_messages,
+            help="chat messages per request (default: %(default)s)",
+        )
         g.add_argument(
             "--max-prompts",
             type=int,
