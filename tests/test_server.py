@@ -81,7 +81,10 @@ TINY_ARGS = ("--kv-cache-memory", "16MiB", "--max-model-len", "256")
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    with ServerProcess(str(tiny_model_dir), tmp_path_factory.mktemp("srv") / "server.log", *TINY_ARGS) as srv:
+    log = tmp_path_factory.mktemp("srv") / "server.log"
+    with ServerProcess(
+        str(tiny_model_dir), log, *TINY_ARGS, "--enable-docs"
+    ) as srv:  # the fuzz reads the schema
         yield srv
         assert srv.proc.poll() is None, f"server died:\n{srv.log()[-5000:]}"
 
@@ -457,7 +460,13 @@ def test_bad_input_then_normal_request_succeeds(http):
     # Unrouted paths and methods also answer with the error body; then the server still works.
     assert_error(http.get("/v1/nothing"), 404)
     assert_error(http.get("/v1/completions"), 405)
-    assert_error(http.post("/v1/completions", content=b"\x00\x01garbage"), 400)
+    assert_error(http.post("/v1/completions", content=b"\x00\x01garbage"), 415)  # no JSON content type
+    assert_error(
+        http.post(
+            "/v1/completions", content=b"\x00\x01garbage", headers={"content-type": "application/json"}
+        ),
+        400,
+    )
     r = http.post("/v1/completions", json={"prompt": "fine", "max_tokens": 2})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] >= 1

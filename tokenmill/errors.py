@@ -27,3 +27,11 @@ class AdmissionError(ValueError):
 
     def __reduce__(self):  # picklable with its three fields
         return type(self), (self.param, self.code, self.message)
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """A step's logits hold NaN or inf on the rows of these sequences: their requests fail, not the batch."""
+
+    def __init__(self, seq_ids: list[int]):
+        super().__init__(f"non-finite logits for sequence(s) {seq_ids}")
+        self.seq_ids = seq_ids

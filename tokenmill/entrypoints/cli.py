@@ -199,12 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default: 8000)")
     g.add_argument(
-        "--max-waiting",
-        type=int,
-        default=None,
-        help="answer 429 when this many requests are already waiting to be scheduled (default: no limit)",
-    )
-    g.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -214,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default: info)"
     )
     g.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
+    from tokenmill.entrypoints.openai.server_options import ServerOptions
+
+    ServerOptions.add_cli_args(p)
     p.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="quality evaluations").add_subparsers(dest="eval", required=True)

@@ -7,6 +7,8 @@ uvicorn.run(app)                          # or: tokenmill serve [MODEL] --port 8
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import logging
 import signal
 import socket
@@ -18,6 +20,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -38,13 +41,20 @@ from tokenmill.entrypoints.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from tokenmill.entrypoints.openai.security import (
+    ApiKeyMiddleware,
+    HostCheckMiddleware,
+    JSONBodyMiddleware,
+    OriginCheckMiddleware,
+)
+from tokenmill.entrypoints.openai.server_options import ServerOptions
 from tokenmill.entrypoints.openai.serving import ApiError, OpenAIServing, error_body
 from tokenmill.metrics import Metrics
 
 logger = logging.getLogger("tokenmill.server")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 429, 500, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 415, 429, 500, 503)
 }
 _HTTP_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
 
@@ -103,20 +113,6 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
-class _JSONBodyMiddleware:
-    """Every POST endpoint here takes JSON: read the body as JSON whatever Content-Type says (curl -d
-    sends form-urlencoded), so that a client gets the real validation error instead of a confusing one."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("method") == "POST":
-            headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
-            scope = dict(scope, headers=[*headers, (b"content-type", b"application/json")])
-        await self.app(scope, receive, send)
-
-
 def build_app(
     engine: AsyncLLMEngine | None = None,
     *,
@@ -124,18 +120,24 @@ def build_app(
     max_waiting: int | None = None,
     served_model_name: str | None = None,
     shutdown_timeout: float = 30.0,
+    options: ServerOptions | None = None,
     **engine_options: Any,
 ) -> FastAPI:
     """The app serving `engine` (or a new engine built from `model` and EngineConfig options). The app's
     lifespan starts the engine loop and, at the end, shuts it down (in-flight requests get
-    `shutdown_timeout` seconds)."""
+    `shutdown_timeout` seconds). `options`: keys, limits, queues, deadlines (ServerOptions); `max_waiting`
+    overrides its max_waiting."""
+    options = options or ServerOptions()
+    if max_waiting is not None:
+        options = dataclasses.replace(options, max_waiting=max_waiting)
     if engine is None:
-        engine = AsyncLLMEngine.from_engine_args(model, max_waiting=max_waiting, **engine_options)
+        engine = AsyncLLMEngine.from_engine_args(model, **engine_options)
+    engine.watchdog_timeout = options.watchdog_timeout
     metrics = Metrics(lambda: engine.stats)
     names = [served_model_name or engine.model_name]
     if engine.config.model and engine.config.model not in names:
         names.append(str(engine.config.model))  # the argument the server was started with
-    serving = OpenAIServing(engine, metrics, names)
+    serving = OpenAIServing(engine, metrics, names, options)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -150,8 +152,25 @@ def build_app(
         version=tokenmill.__version__,
         description="OpenAI-compatible API of the tokenmill inference engine",
         lifespan=lifespan,
+        docs_url="/docs" if options.security.enable_docs else None,
+        redoc_url="/redoc" if options.security.enable_docs else None,
+        openapi_url="/openapi.json" if options.security.enable_docs else None,
     )
-    app.add_middleware(_JSONBodyMiddleware)
+    # Added innermost first: Host check -> CORS -> Origin check -> API key -> JSON body -> routes.
+    security = options.security
+    app.add_middleware(JSONBodyMiddleware, options=security)
+    app.add_middleware(ApiKeyMiddleware, options=security)
+    app.add_middleware(OriginCheckMiddleware, options=security)
+    if security.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(security.allowed_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    if security.checks_host:
+        app.add_middleware(HostCheckMiddleware, options=security)
+    app.state.options = options
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.serving = serving
@@ -185,6 +204,10 @@ def build_app(
     # ---- routes -------------------------------------------------------------------------------------------
     @app.get("/health", responses={503: {"model": ErrorResponse}})
     async def health() -> Response:
+        stalled = engine.stalled_for()
+        if stalled is not None:
+            message = f"the engine has made no progress for {stalled:.0f} s with work pending (watchdog)"
+            return JSONResponse(error_body(message, "server_error", None, "engine_stalled"), 503)
         if engine.accepting and engine.is_running:
             return JSONResponse({"status": "ok"})
         return JSONResponse(error_body("the engine is not serving", "server_error", None, "unavailable"), 503)
@@ -263,6 +286,18 @@ class _Server(uvicorn.Server):
                 break
         shown = f"[{host}]" if ":" in host else host
         logger.info("serving %s at http://%s:%d (OpenAI API under /v1)", self._model_name, shown, port)
+        self._monitor = asyncio.ensure_future(self._exit_when_engine_dies())
+
+    async def _exit_when_engine_dies(self) -> None:
+        """A dead engine cannot serve again: stop the server, so that the process exits non-zero and its
+        supervisor restarts it."""
+        while not self.should_exit:
+            if self._engine.is_dead:
+                logger.error("the engine died; shutting down the server")
+                self._engine.stop_admission()
+                self.should_exit = True
+                return
+            await asyncio.sleep(0.2)
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -270,14 +305,12 @@ def run_server(args: argparse.Namespace) -> int:
     engine options (EngineArgs.add_cli_args) and the server's (host, port, max_waiting, ...)."""
     log_level = getattr(args, "log_level", "info")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    max_waiting = getattr(args, "max_waiting", None)
-    if max_waiting is not None and max_waiting < 1:
-        raise ValueError(f"--max-waiting must be >= 1, got {max_waiting}")
+    options = ServerOptions.from_cli_args(args)
     shutdown_timeout = float(getattr(args, "shutdown_timeout", 30.0))
 
     logger.info("loading model %s", args.model or "(default)")
     config = EngineArgs.from_cli_args(args).to_engine_config()
-    engine = AsyncLLMEngine.from_config(config, max_waiting=max_waiting)
+    engine = AsyncLLMEngine.from_config(config)
     cfg = engine.config
     logger.info(
         "model %s (%s) dtype=%s device=%s context=%d tokens; KV cache: %d tokens (%d blocks of %d), %d bytes (%s)",
@@ -292,7 +325,11 @@ def run_server(args: argparse.Namespace) -> int:
         engine.kv_capacity_bytes,
         _format_bytes(engine.kv_capacity_bytes),
     )
-    app = build_app(engine, shutdown_timeout=shutdown_timeout)
+    if options.security.api_keys:
+        logger.info("API keys: %d; every path but the public ones needs one", len(options.security.api_keys))
+    elif not options.security.checks_host:
+        logger.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
+    app = build_app(engine, shutdown_timeout=shutdown_timeout, options=options)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -310,4 +347,7 @@ def run_server(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     logger.info("server stopped")
+    if engine.is_dead:
+        logger.error("exiting with status 3: the engine died (%s)", engine.dead_reason)
+        return 3
     return 0 if server.started else 1

@@ -70,6 +70,9 @@ class _SamplingFields(_Request):
     user: str | None = None
     # tokenmill extra: this request's KV eviction policy (kv/policy.py), e.g. "snapkv:budget=0.25"
     kv_policy: str | None = Field(None, max_length=200)
+    timeout: float | None = Field(
+        None, gt=0, description="seconds this request may take, queue included (at most the server's limit)"
+    )
 
 
 # ---- completions ----------------------------------------------------------------------------------------

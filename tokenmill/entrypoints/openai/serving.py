@@ -28,6 +28,14 @@ from tokenmill.engine.async_engine import (
     QueueFullError,
     RequestStream,
 )
+from tokenmill.entrypoints.openai.fair_queue import FairGate, Ticket
+from tokenmill.entrypoints.openai.limits import (
+    LimitExceeded,
+    check_count,
+    check_output_budget,
+    check_prompt_chars,
+    check_stops,
+)
 from tokenmill.entrypoints.openai.protocol import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,
@@ -53,6 +61,7 @@ from tokenmill.entrypoints.openai.protocol import (
     TokenizeResponse,
     UsageInfo,
 )
+from tokenmill.entrypoints.openai.server_options import ServerOptions
 from tokenmill.errors import AdmissionError
 from tokenmill.metrics import Metrics
 from tokenmill.models.tokenizer import _bytes_to_unicode
@@ -61,7 +70,6 @@ from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-MAX_PROMPTS_PER_REQUEST = 256
 MAX_SEQUENCES_PER_REQUEST = 1024  # prompts x n
 _OFFLOAD_CHARS = 8192  # tokenize/render texts longer than this in a worker thread, off the event loop
 _DISCONNECT_POLL_S = 0.25
@@ -97,6 +105,33 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 def internal_error() -> ApiError:
     return ApiError(500, "Internal server error", type="server_error", code="internal_error")
+
+
+class RequestTimeout(Exception):
+    """The request's deadline (the server's --request-timeout, or the request's own `timeout`) passed."""
+
+    def __init__(self, timeout: float):
+        super().__init__(timeout)
+        self.timeout = timeout
+
+
+def timeout_error(exc: RequestTimeout) -> ApiError:
+    return ApiError(
+        408,
+        f"the request did not finish within its timeout of {exc.timeout:g} s (the request's `timeout` field "
+        "or the server's --request-timeout); it was stopped",
+        type="timeout_error",
+        code="request_timeout",
+    )
+
+
+def engine_failure(exc: EngineError) -> ApiError:
+    """A request the engine failed (its message names the request and the cause, never a trace)."""
+    return ApiError(500, str(exc) or "Internal server error", type="server_error", code="internal_error")
+
+
+def limit_error(exc: LimitExceeded) -> ApiError:
+    return ApiError(400, exc.message, param=exc.param, code="limit_exceeded")
 
 
 def invalid_request(exc: AdmissionError, aliases: dict[str, str] | None = None) -> ApiError:
@@ -139,22 +174,25 @@ SSE_DONE = "data: [DONE]\n\n"
 
 # ---- per-request bookkeeping ------------------------------------------------------------------------------
 class _Tracked:
-    """One engine request of an HTTP request: its stream and last output, for metrics and cleanup."""
+    """One engine request of an HTTP request: its stream and last output, for metrics and cleanup; `ticket`
+    (the request's place in the fair gate) is given back when it closes."""
 
-    def __init__(self, stream: RequestStream):
+    def __init__(self, stream: RequestStream, ticket: Ticket | None = None):
         self.stream = stream
+        self.ticket = ticket
         self.last: RequestOutput | None = None
         self.error = False
         self.closed = False
 
-    async def outputs(self) -> AsyncIterator[RequestOutput]:
+    def poll(self) -> RequestOutput | None:
         try:
-            async for out in self.stream:
-                self.last = out
-                yield out
+            out = self.stream.poll()
         except EngineError:
             self.error = True
             raise
+        if out is not None:
+            self.last = out
+        return out
 
     def close(self, metrics: Metrics) -> None:
         """Abort if unfinished (a client went away, or an error), then account it once. Sync, so that it
@@ -162,6 +200,8 @@ class _Tracked:
         if self.closed:
             return
         self.closed = True
+        if self.ticket is not None:
+            self.ticket.release()
         if self.error:
             metrics.record_request(None, "error")
             return
@@ -175,55 +215,86 @@ class _Tracked:
             metrics.record_request(self.last, "abort")
 
 
+class _ClientStalled(Exception):
+    """The client read nothing for the stall timeout while the server had an event to send."""
+
+
 class _EventStreamResponse(StreamingResponse):
     """Server-sent events; `cleanup` runs however the response ends, even if the body never started
-    (a client that leaves before the first chunk)."""
+    (a client that leaves before the first chunk). A send that cannot complete within `stall_timeout`
+    seconds (the client stopped reading, its socket buffers are full) ends the response: the connection
+    is closed and the request aborted, so that its KV blocks go back to the others."""
 
-    def __init__(self, body: AsyncIterator[str], cleanup: Any):
+    def __init__(self, body: AsyncIterator[str], cleanup: Any, stall_timeout: float | None = None):
         super().__init__(
             body,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
         self._cleanup = cleanup
+        self._stall_timeout = stall_timeout
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        stall = self._stall_timeout
+        stalled = False
+
+        async def guarded_send(message: Any) -> None:
+            nonlocal stalled
+            try:
+                await asyncio.wait_for(send(message), stall)
+            except TimeoutError:
+                stalled = True
+                raise _ClientStalled from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send if stall is None else guarded_send)
+        except Exception:
+            if not stalled:
+                raise
+            logger.warning("a streaming client read nothing for %g s; aborting its request", stall)
         finally:
             self._cleanup()
 
 
-async def _merge(tracked: list[_Tracked]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of several streams as they come, tagged with the stream's index."""
-    if len(tracked) == 1:
-        async for out in tracked[0].outputs():
-            yield 0, out
-        return
-    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
-
-    async def pump(i: int, t: _Tracked) -> None:
+async def _merge(
+    tracked: list[_Tracked], deadline: float | None = None, timeout: float = 0.0
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come (the newest of each), tagged with the stream's index. Raises
+    RequestTimeout once the event loop's clock passes `deadline` (the request's `timeout` seconds)."""
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+    for t in tracked:
+        t.stream.set_listener(wake)
+    pending = [i for i, t in enumerate(tracked) if not t.stream.finished]
+    while pending:
+        wake.clear()
+        for i in list(pending):
+            out = tracked[i].poll()
+            if out is not None:
+                yield i, out
+            if tracked[i].stream.finished:
+                pending.remove(i)
+        if not pending or any(tracked[i].stream.has_item for i in pending):
+            continue
+        if deadline is None:
+            await wake.wait()
+            continue
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise RequestTimeout(timeout)
         try:
-            async for out in t.outputs():
-                queue.put_nowait((i, out))
-            queue.put_nowait((i, None))
-        except Exception as exc:
-            queue.put_nowait((i, exc))
+            await asyncio.wait_for(wake.wait(), remaining)
+        except TimeoutError:
+            raise RequestTimeout(timeout) from None
 
-    tasks = [asyncio.ensure_future(pump(i, t)) for i, t in enumerate(tracked)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for task in tasks:
-            task.cancel()
+
+@dataclass
+class _Context:
+    """Per HTTP request: whose it is (the API key's index; fair share) and when it must end."""
+
+    key: object
+    deadline: float | None  # on the event loop's clock
+    timeout: float = 0.0
 
 
 @dataclass
@@ -244,8 +315,21 @@ class _Prompt:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, metrics: Metrics, served_model_names: Sequence[str]):
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        metrics: Metrics,
+        served_model_names: Sequence[str],
+        options: ServerOptions | None = None,
+    ):
         self.engine = engine
+        self.options = options = options or ServerOptions()
+        self.limits = options.limits.resolved(engine.max_model_len)
+        self.gate = FairGate(
+            options.max_in_engine or engine.config.max_num_seqs,
+            options.max_waiting,
+            options.max_concurrent_per_key,
+        )
         self.metrics = metrics
         self.served_model_names = list(served_model_names)
         self.model_name = self.served_model_names[0]
@@ -271,8 +355,25 @@ class OpenAIServing:
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.engine.max_model_len)])
 
+    def _context(
+        self, req: CompletionRequest | ChatCompletionRequest, raw_request: Request | None
+    ) -> _Context:
+        key = None
+        if raw_request is not None:
+            key = raw_request.scope.get("state", {}).get("api_key_index")
+        timeout = self.options.request_timeout
+        if req.timeout is not None:
+            timeout = req.timeout if timeout is None else min(timeout, req.timeout)
+        if timeout is None:
+            return _Context(key, None)
+        return _Context(key, asyncio.get_running_loop().time() + timeout, timeout)
+
     def _check_common(self, req: CompletionRequest | ChatCompletionRequest) -> None:
         self.check_model(req.model)
+        try:
+            check_stops(self.limits, req.stop)
+        except LimitExceeded as exc:
+            raise limit_error(exc) from None
         if req.stream_options is not None and not req.stream:
             raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
         if req.logit_bias:
@@ -331,30 +432,48 @@ class OpenAIServing:
         params: list[SamplingParams],
         request_id: str,
         aliases: dict[str, str] | None = None,
+        ctx: _Context | None = None,
     ) -> list[_Tracked]:
-        """Admit one engine request per prompt, all or none. `aliases`: see invalid_request."""
+        """Wait for the request's fair share of the engine (the gate), then admit one engine request per
+        prompt, all or none. `aliases`: see invalid_request."""
+        ctx = ctx or _Context(None, None)
+        weight = sum(p.n for p in params)
+        try:
+            if ctx.deadline is None:
+                ticket = await self.gate.acquire(ctx.key, weight)
+            else:
+                remaining = ctx.deadline - asyncio.get_running_loop().time()
+                ticket = await asyncio.wait_for(self.gate.acquire(ctx.key, weight), max(remaining, 0.0))
+        except QueueFullError as exc:
+            raise admission_error(exc, self.metrics, aliases) from None
+        except TimeoutError:
+            self.metrics.record_request(None, "abort")
+            raise timeout_error(RequestTimeout(ctx.timeout)) from None
         tracked: list[_Tracked] = []
         try:
             for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
                 stream = await self.engine.add_request({"prompt_token_ids": ids}, p, f"{request_id}-{i}")
-                tracked.append(_Tracked(stream))
+                tracked.append(_Tracked(stream, ticket))
         except (AdmissionError, QueueFullError, EngineShuttingDownError, EngineDeadError) as exc:
+            ticket.release()
             for t in tracked:
                 t.stream.abort()
             raise admission_error(exc, self.metrics, aliases) from None
         except BaseException:
+            ticket.release()
             for t in tracked:
                 t.stream.abort()
             raise
         return tracked
 
     async def _collect(
-        self, tracked: list[_Tracked], raw_request: Request | None
+        self, tracked: list[_Tracked], raw_request: Request | None, ctx: _Context | None = None
     ) -> list[RequestOutput] | None:
         """Wait for all final outputs; None if the client went away (its requests are aborted)."""
+        ctx = ctx or _Context(None, None)
 
         async def drain() -> None:
-            async for _ in _merge(tracked):
+            async for _ in _merge(tracked, ctx.deadline, ctx.timeout):
                 pass
 
         task = asyncio.ensure_future(drain())
@@ -367,8 +486,10 @@ class OpenAIServing:
                 if raw_request is not None and await raw_request.is_disconnected():
                     logger.info("client disconnected; aborting its request")
                     return None
-        except EngineError:
-            raise internal_error() from None
+        except EngineError as exc:
+            raise engine_failure(exc) from None
+        except RequestTimeout as exc:
+            raise timeout_error(exc) from None
         finally:
             task.cancel()
             for t in tracked:
@@ -464,8 +585,6 @@ class OpenAIServing:
             items = [prompt]
         else:
             items = list(prompt)
-        if len(items) > MAX_PROMPTS_PER_REQUEST:
-            raise ApiError(400, f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request", param="prompt")
         prompts = []
         for item in items:
             if isinstance(item, str):
@@ -485,12 +604,43 @@ class OpenAIServing:
                 prompts.append(_Prompt(None, list(item)))
         return prompts
 
+    def _check_budget(self, num_prompts: int, n: int, max_tokens: int, top: int | None, param: str) -> None:
+        try:
+            check_output_budget(self.limits, num_prompts, n, max_tokens, top or 0, param)
+        except LimitExceeded as exc:
+            raise limit_error(exc) from None
+
+    def _check_completion_limits(self, req: CompletionRequest) -> None:
+        """Counts and sizes of the body as sent, before anything is tokenized."""
+        prompt = req.prompt
+        num_prompts = (
+            len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+        )
+        try:
+            check_count(self.limits.max_prompts, num_prompts, "prompt", "prompts", "--max-prompts")
+            check_prompt_chars(self.limits, _text_size(prompt), "prompt")
+        except LimitExceeded as exc:
+            raise limit_error(exc) from None
+        if req.max_tokens is not None:
+            self._check_budget(num_prompts, req.n, req.max_tokens, req.logprobs, "max_tokens")
+
+    def _check_chat_limits(self, req: ChatCompletionRequest | TokenizeRequest) -> list[dict[str, str]]:
+        messages = self._chat_messages(req)
+        try:
+            check_count(self.limits.max_messages, len(messages), "messages", "messages", "--max-messages")
+            check_prompt_chars(self.limits, sum(len(m["content"]) for m in messages), "messages")
+        except LimitExceeded as exc:
+            raise limit_error(exc) from None
+        return messages
+
     async def create_completion(self, req: CompletionRequest, raw_request: Request | None = None) -> Response:
         self._check_common(req)
         if req.suffix:
             raise ApiError(400, "suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise ApiError(400, "best_of is not supported (it must equal n)", param="best_of")
+        self._check_completion_limits(req)
+        ctx = self._context(req, raw_request)
         if _text_size(req.prompt) > _OFFLOAD_CHARS:
             prompts = await asyncio.to_thread(self._completion_prompts, req.prompt)
         else:
@@ -510,14 +660,18 @@ class OpenAIServing:
             )
             for p in prompts
         ]
+        if req.max_tokens is None:
+            self._check_budget(
+                len(prompts), req.n, max(p.max_tokens or 0 for p in params), req.logprobs, "max_tokens"
+            )
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        tracked = await self._admit([p.token_ids for p in prompts], params, request_id)
+        tracked = await self._admit([p.token_ids for p in prompts], params, request_id, ctx=ctx)
         if req.stream:
             return self._streaming_response(
-                self._stream_completion(req, request_id, created, prompts, tracked), tracked
+                self._stream_completion(req, request_id, created, prompts, tracked, ctx), tracked
             )
-        finals = await self._collect(tracked, raw_request)
+        finals = await self._collect(tracked, raw_request, ctx)
         if finals is None:
             return Response(status_code=499)
         choices = []
@@ -559,12 +713,13 @@ class OpenAIServing:
         created: int,
         prompts: list[_Prompt],
         tracked: list[_Tracked],
+        ctx: _Context,
     ) -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         exclude = None if include_usage else {"usage"}
         states: dict[int, _ChoiceState] = {}
         try:
-            async for i, out in _merge(tracked):
+            async for i, out in _merge(tracked, ctx.deadline, ctx.timeout):
                 for c in out.outputs:
                     index = i * req.n + c.index
                     st = states.setdefault(index, _ChoiceState())
@@ -614,13 +769,23 @@ class OpenAIServing:
                 )
                 yield sse(chunk.model_dump_json())
             yield SSE_DONE
-        except Exception:
-            logger.exception("completion stream %s failed", request_id)
-            yield sse(json.dumps(internal_error().body()))
+        except Exception as exc:
+            yield self._stream_error(exc, request_id)
             yield SSE_DONE
         finally:
             for t in tracked:
                 t.close(self.metrics)
+
+    def _stream_error(self, exc: Exception, request_id: str) -> str:
+        """The SSE error event that ends a stream which cannot go on (its requests are then aborted)."""
+        if isinstance(exc, RequestTimeout):
+            logger.info("stream %s: %s s deadline passed", request_id, exc.timeout)
+            return sse(json.dumps(timeout_error(exc).body()))
+        if isinstance(exc, EngineError):
+            logger.warning("stream %s: %s", request_id, exc)
+            return sse(json.dumps(engine_failure(exc).body()))
+        logger.exception("stream %s failed", request_id, exc_info=exc)
+        return sse(json.dumps(internal_error().body()))
 
     @staticmethod
     def _delta(c: CompletionOutput, st: _ChoiceState) -> str:
@@ -633,7 +798,7 @@ class OpenAIServing:
             for t in tracked:
                 t.close(self.metrics)
 
-        return _EventStreamResponse(body, cleanup)
+        return _EventStreamResponse(body, cleanup, self.options.stream_stall_timeout)
 
     # ---- /v1/chat/completions -------------------------------------------------------------------------
     def _chat_messages(self, req: ChatCompletionRequest | TokenizeRequest) -> list[dict[str, str]]:
@@ -669,7 +834,12 @@ class OpenAIServing:
             raise ApiError(400, "only response_format {'type': 'text'} is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        messages = self._chat_messages(req)
+        messages = self._check_chat_limits(req)
+        max_asked = req.max_completion_tokens or req.max_tokens
+        top_k = (req.top_logprobs or 0) if req.logprobs else 0
+        if max_asked is not None:
+            self._check_budget(1, req.n, max_asked, top_k, "max_completion_tokens")
+        ctx = self._context(req, raw_request)
         if sum(len(m["content"]) for m in messages) > _OFFLOAD_CHARS:
             ids = await asyncio.to_thread(self._chat_prompt_ids, messages)
         else:
@@ -680,16 +850,19 @@ class OpenAIServing:
             max_tokens, max_param = req.max_tokens, "max_tokens"
         else:
             max_tokens, max_param = self._default_max_tokens(len(ids)), "max_completion_tokens"
+            self._check_budget(1, req.n, max_tokens, top_k, max_param)
         top_k = req.top_logprobs or 0
         params = self._sampling_params(req, max_tokens, top_k if req.logprobs else None, max_param)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         tracked = await self._admit(
-            [ids], [params], request_id, {"prompt": "messages", "max_tokens": max_param}
+            [ids], [params], request_id, {"prompt": "messages", "max_tokens": max_param}, ctx
         )
         if req.stream:
-            return self._streaming_response(self._stream_chat(req, request_id, created, tracked), tracked)
-        finals = await self._collect(tracked, raw_request)
+            return self._streaming_response(
+                self._stream_chat(req, request_id, created, tracked, ctx), tracked
+            )
+        finals = await self._collect(tracked, raw_request, ctx)
         if finals is None:
             return Response(status_code=499)
         final = finals[0]
@@ -709,7 +882,12 @@ class OpenAIServing:
         return Response(response.model_dump_json(), media_type="application/json")
 
     async def _stream_chat(
-        self, req: ChatCompletionRequest, request_id: str, created: int, tracked: list[_Tracked]
+        self,
+        req: ChatCompletionRequest,
+        request_id: str,
+        created: int,
+        tracked: list[_Tracked],
+        ctx: _Context,
     ) -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         exclude = None if include_usage else {"usage"}
@@ -728,7 +906,7 @@ class OpenAIServing:
                 yield chunk(
                     ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
                 )
-            async for _, out in _merge(tracked):
+            async for _, out in _merge(tracked, ctx.deadline, ctx.timeout):
                 for c in out.outputs:
                     st = states[c.index]
                     text = self._delta(c, st)
@@ -761,9 +939,8 @@ class OpenAIServing:
                 )
                 yield sse(usage.model_dump_json())
             yield SSE_DONE
-        except Exception:
-            logger.exception("chat stream %s failed", request_id)
-            yield sse(json.dumps(internal_error().body()))
+        except Exception as exc:
+            yield self._stream_error(exc, request_id)
             yield SSE_DONE
         finally:
             for t in tracked:
@@ -775,9 +952,13 @@ class OpenAIServing:
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "give exactly one of prompt or messages", param="prompt")
         if req.prompt is not None:
+            try:
+                check_prompt_chars(self.limits, len(req.prompt), "prompt")
+            except LimitExceeded as exc:
+                raise limit_error(exc) from None
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
-            ids = self._chat_prompt_ids(self._chat_messages(req), req.add_generation_prompt)
+            ids = self._chat_prompt_ids(self._check_chat_limits(req), req.add_generation_prompt)
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.engine.max_model_len)
 
     def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
