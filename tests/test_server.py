@@ -152,7 +152,8 @@ def test_models_health_tokenize(http, client, model_name):
     assert_error(http.post("/detokenize", json={"tokens": [10**9]}), 400, "tokens")
     metrics_text = http.get("/metrics").text
     assert "tokenmill_kv_blocks_total" in metrics_text and "tokenmill_kv_cache_usage_bytes" in metrics_text
-    assert 'tokenmill_kv_cache_info{format="fp32"} 1.0' in metrics_text
+    assert 'tokenmill_kv_cache_info{format="fp32",policy="full"} 1.0' in metrics_text
+    assert "tokenmill_kv_evicted_tokens 0.0" in metrics_text
 
 
 def test_completion_usage_and_logprobs(client, http, model_name):

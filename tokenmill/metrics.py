@@ -68,6 +68,11 @@ class Metrics:
                 lambda: stats().prefix_cache_hit_rate,
             ),
             "num_preemptions": ("Sequences preempted so far", lambda: stats().num_preemptions),
+            "kv_evictions": ("KV compactions done by eviction policies", lambda: stats().kv_evictions),
+            "kv_evicted_tokens": (
+                "KV slots freed by eviction policies (per sequence)",
+                lambda: stats().kv_evicted_tokens,
+            ),
             "spec_decode_num_draft_tokens": (
                 "Speculative tokens proposed",
                 lambda: stats().spec_draft_tokens,
@@ -84,10 +89,10 @@ class Metrics:
         for name, (doc, fn) in gauges.items():
             Gauge(f"{prefix}_{name}", doc, registry=r).set_function(fn)
         kv_format = stats().kv_format
-        if kv_format:  # the cache's element format, as a label (Prometheus' info-style gauge)
-            Gauge(f"{prefix}_kv_cache_info", "KV cache format", ["format"], registry=r).labels(kv_format).set(
-                1
-            )
+        if kv_format:  # the cache's element format and default policy, as labels (an info-style gauge)
+            Gauge(f"{prefix}_kv_cache_info", "KV cache format", ["format", "policy"], registry=r).labels(
+                kv_format, stats().kv_policy
+            ).set(1)
 
     def record_rejected(self) -> None:
         self.requests.labels("rejected").inc()

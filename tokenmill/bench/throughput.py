@@ -46,6 +46,8 @@ class ThroughputResult:
     kv_format: str  # KV cache element format (fp32, int8, ...)
     kv_capacity_tokens: int  # tokens --kv-cache-memory holds in that format
     kv_peak_tokens: int  # most KV slots allocated at once during the run (whole blocks)
+    kv_policy: str  # the engine's default eviction policy
+    kv_evicted_tokens: int  # slots freed by eviction during the run
     spec_acceptance_rate: float  # speculative decoding: accepted / proposed drafts (0 when off)
     spec_mean_acceptance_length: float  # tokens per verification (0 when off)
 
@@ -87,6 +89,8 @@ def run_throughput(llm: LLM, workload: Workload) -> ThroughputResult:
         kv_format=llm.engine.kv_spec.format,
         kv_capacity_tokens=llm.engine.kv_capacity_tokens,
         kv_peak_tokens=llm.engine.block_manager.peak_used_blocks * llm.engine.config.block_size,
+        kv_policy=str(llm.engine.config.kv_policy),
+        kv_evicted_tokens=llm.engine.kv_compressor.stats.evicted_tokens,
         spec_acceptance_rate=llm.engine.spec_stats.acceptance_rate,
         spec_mean_acceptance_length=llm.engine.spec_stats.mean_acceptance_length,
     )

@@ -72,6 +72,9 @@ class EngineStats:
     kv_bytes_used: int = 0  # in the cache's format: a smaller format holds more tokens in the same bytes
     kv_tokens_held: int = 0  # slots held by running sequences
     kv_format: str = ""  # e.g. fp32, int8
+    kv_policy: str = "full"  # the engine's default eviction policy
+    kv_evictions: int = 0  # compactions done by eviction policies
+    kv_evicted_tokens: int = 0  # slots they freed
     spec_draft_tokens: int = 0  # speculative decoding: drafts proposed and verified so far
     spec_accepted_tokens: int = 0  # of those, accepted
     spec_mean_acceptance_length: float = 0.0  # tokens emitted per verification
@@ -211,7 +214,9 @@ class AsyncLLMEngine:
         self._streams: dict[str, RequestStream] = {}  # loop thread only
         self._active: set[RequestStream] = set()  # event loop side: admitted, not yet finished
         self._stats = EngineStats(
-            kv_blocks_total=engine.block_manager.num_blocks, kv_format=engine.kv_spec.format
+            kv_blocks_total=engine.block_manager.num_blocks,
+            kv_format=engine.kv_spec.format,
+            kv_policy=str(engine.config.kv_policy),
         )
 
     @classmethod
@@ -555,6 +560,9 @@ class AsyncLLMEngine:
             kv_bytes_used=bm.num_used_blocks * self.engine.kv_spec.bytes_per_block,
             kv_tokens_held=sum(seq.num_kv_slots for seq in scheduler.running),
             kv_format=self.engine.kv_spec.format,
+            kv_policy=str(self.engine.config.kv_policy),
+            kv_evictions=self.engine.kv_compressor.stats.evictions,
+            kv_evicted_tokens=self.engine.kv_compressor.stats.evicted_tokens,
             spec_draft_tokens=self.engine.spec_stats.num_draft_tokens,
             spec_accepted_tokens=self.engine.spec_stats.num_accepted_tokens,
             spec_mean_acceptance_length=self.engine.spec_stats.mean_acceptance_length,
