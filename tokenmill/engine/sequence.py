@@ -5,12 +5,16 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from tokenmill.models.tokenizer import IncrementalDetokenizer
 from tokenmill.outputs import RequestMetrics, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.structured.grammar import GrammarMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -41,6 +45,7 @@ class Sequence:
     fork_parent: Sequence | None = None  # for n > 1: share this sequence's prompt blocks (copy-on-write)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first scheduling
     draft_token_ids: list[int] = field(default_factory=list)  # speculative tokens to verify in the next step
+    grammar: GrammarMatcher | None = None  # structured output: follows the accepted tokens
 
     @property
     def params(self) -> SamplingParams:
