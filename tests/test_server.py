@@ -379,7 +379,8 @@ BAD_COMPLETIONS = [
     ("stream_options without stream", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, None),
     ("unknown model", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ("min_tokens above max_tokens", {"prompt": "x", "max_tokens": 2, "min_tokens": 5}, 400, "min_tokens"),
-    ("logit_bias", {"prompt": "x", "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    ("logit_bias key", {"prompt": "x", "logit_bias": {"one": 5}}, 400, "logit_bias"),
+    ("logit_bias value", {"prompt": "x", "logit_bias": {"1": 500}}, 400, "logit_bias"),
 ]
 
 BAD_CHAT = [
