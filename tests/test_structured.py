@@ -175,3 +175,53 @@ def test_logit_bias(llm):
     with pytest.raises(AdmissionError) as exc:
         SamplingParams(logit_bias={1: 500.0})
     assert exc.value.param == "logit_bias"
+
+
+def test_prompt_logprobs_match_generation_logprobs(tiny_model_dir):
+    """Scores of a prompt's tokens equal the logprobs the same tokens had when they were generated, whatever
+    the prefill chunking, and a prefix-cache hit does not skip them."""
+    llm = LLM(str(tiny_model_dir), max_model_len=512, kv_cache_memory="16MiB", max_num_batched_tokens=16)
+    prefix = llm.get_tokenizer().encode("The quick brown fox jumps over the lazy dog")
+    gen = run(
+        llm,
+        SamplingParams(max_tokens=20, temperature=0, logprobs=2, ignore_eos=True),
+        [{"prompt_token_ids": prefix}],
+    )
+    out_ids = gen[0].outputs[0].token_ids
+    full = prefix + out_ids
+    for _ in range(2):  # the second time, the prompt's blocks are in the prefix cache
+        scored = run(llm, SamplingParams(max_tokens=1, prompt_logprobs=3), [{"prompt_token_ids": full}])[0]
+        entries = scored.prompt_logprobs
+        assert len(entries) == len(full) and entries[0] is None
+        for i, token in enumerate(out_ids):
+            want = gen[0].outputs[0].logprobs[i][token]
+            got = entries[len(prefix) + i][token]
+            assert abs(got.logprob - want.logprob) < 1e-3 and got.rank == want.rank == 1
+        assert all(len([lp for lp in e.values() if lp.rank <= 3]) >= 3 for e in entries[1:])
+
+
+@pytest.mark.integration
+def test_real_model_json_schema_and_choice(real_llm):
+    """The default model, short outputs: a schema-constrained answer parses, validates and is right; a choice
+    is one of the choices."""
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    outs = real_llm.chat(
+        [
+            [{"role": "user", "content": "What is the capital of France? Answer in JSON."}],
+            [{"role": "user", "content": "Is water wet? Answer yes or no."}],
+        ],
+        [
+            SamplingParams(max_tokens=16, temperature=0, structured={"json": schema}),
+            SamplingParams(max_tokens=4, temperature=0, structured={"choice": ["yes", "no"]}),
+        ],
+        use_tqdm=False,
+    )
+    answer = json.loads(outs[0].outputs[0].text)
+    jsonschema.validate(answer, schema)
+    assert "Paris" in answer["city"]
+    assert outs[1].outputs[0].text in ("yes", "no")

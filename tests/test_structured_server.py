@@ -163,25 +163,12 @@ def test_tool_call_round_trip(client, model):
     )
     first, first_prompt_tokens = first_reply.choices[0], first_reply.usage.prompt_tokens
     call = first.message.tool_calls[0]
-    messages = [
-        *USER,
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": call.id,
-                    "type": "function",
-                    "function": {"name": call.function.name, "arguments": call.function.arguments},
-                }
-            ],
-        },
-        {
-            "role": "tool",
-            "tool_call_id": call.id,
-            "content": json.dumps({"forecast": "sunny", "celsius": 21}),
-        },
-    ]
+    result = {
+        "role": "tool",
+        "tool_call_id": call.id,
+        "content": json.dumps({"forecast": "sunny", "celsius": 21}),
+    }
+    messages = [*USER, first.message, result]  # the client's own message object, as OpenAI's docs do
     reply = client.chat.completions.create(
         model=model, messages=messages, tools=[WEATHER], max_tokens=8, temperature=0
     )
@@ -288,3 +275,35 @@ def test_invalid_constraints_are_400_naming_the_field(server, extra, param):
     )
     err = assert_error(r, 400)
     assert err["param"] is not None and err["param"].startswith(param), err
+
+
+def test_echo_logprobs_and_prompt_logprobs(client, model, server):
+    reply = client.completions.create(
+        model=model, prompt="one two three four", max_tokens=2, echo=True, logprobs=2
+    )
+    lp = reply.choices[0].logprobs
+    n_prompt = reply.usage.prompt_tokens
+    assert lp.token_logprobs[0] is None and all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert len(lp.tokens) == n_prompt + 2 and all(len(t) >= 2 for t in lp.top_logprobs[1:])
+    body = {"prompt": "one two three four", "max_tokens": 1, "prompt_logprobs": 1}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    entries = r["choices"][0]["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == r["usage"]["prompt_tokens"]
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "one two three four"}).json()["tokens"]
+    assert all(
+        abs(entries[i][str(t)]["logprob"] - lp.token_logprobs[i]) < 1e-3 for i, t in enumerate(ids) if i
+    )
+    chat_body = {"messages": USER, "max_tokens": 1, "prompt_logprobs": 0}
+    r = httpx.post(server.url + "/v1/chat/completions", json=chat_body, timeout=60).json()
+    assert r["prompt_logprobs"][0] is None and len(r["prompt_logprobs"]) == r["usage"]["prompt_tokens"]
+    models = httpx.get(server.url + "/v1/models").json()
+    assert models["data"][0]["max_model_len"] == 512
+    ok = client.chat.completions.create(
+        model=model,
+        messages=USER,
+        max_tokens=2,
+        user="u1",
+        metadata={"k": "v"},
+        extra_body={"stop_token_ids": [0]},
+    )
+    assert ok.choices[0].finish_reason in ("stop", "length")

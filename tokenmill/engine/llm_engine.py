@@ -228,6 +228,7 @@ class LLMEngine:
             max_tokens=max_tokens,
             logprobs=[] if params.logprobs is not None else None,
             grammar=self.structured.matcher(params.structured) if params.structured is not None else None,
+            prompt_scores=[] if params.prompt_logprobs is not None and index == 0 else None,
         )
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -388,6 +389,12 @@ class LLMEngine:
             )
             for seq in request.seqs
         ]
+        first = request.seqs[0]
+        prompt_logprobs = None
+        if first.prompt_scores is not None:  # entry 0 (the first prompt token) has nothing before it: None
+            for result in first.prompt_scores[len(first.prompt_logprobs) :]:
+                first.prompt_logprobs.append(self._logprob_entry(result))
+            prompt_logprobs = [None, *first.prompt_logprobs]
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
@@ -395,5 +402,6 @@ class LLMEngine:
             outputs=outputs,
             finished=request.finished,
             metrics=request.metrics,
-            num_cached_tokens=request.seqs[0].num_cached_tokens,
+            num_cached_tokens=first.num_cached_tokens,
+            prompt_logprobs=prompt_logprobs,
         )

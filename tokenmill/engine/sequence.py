@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tokenmill.layers.sampler import SampleResult
 from tokenmill.models.tokenizer import IncrementalDetokenizer
 from tokenmill.outputs import RequestMetrics, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
@@ -46,6 +47,10 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first scheduling
     draft_token_ids: list[int] = field(default_factory=list)  # speculative tokens to verify in the next step
     grammar: GrammarMatcher | None = None  # structured output: follows the accepted tokens
+    # prompt logprobs (params.prompt_logprobs): score i is prompt token i + 1 given the tokens before it, as
+    # the runner computed it; prompt_logprobs holds the same as output entries (converted as they are shown)
+    prompt_scores: list[SampleResult] | None = None
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     @property
     def params(self) -> SamplingParams:
@@ -72,6 +77,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all computed yet (a recompute after preemption adds none)."""
+        return self.prompt_scores is not None and len(self.prompt_scores) < self.num_prompt_tokens - 1
 
     @property
     def is_finished(self) -> bool:

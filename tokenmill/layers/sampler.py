@@ -163,6 +163,24 @@ class Sampler:
         return emitted
 
     @staticmethod
+    def score(logits: torch.Tensor, targets: Sequence[int], k: int) -> list[SampleResult]:
+        """Teacher forcing: each row's logprob, rank and top-k for a given target token (prompt logprobs)."""
+        raw = torch.log_softmax(logits.float(), dim=-1)
+        want = torch.tensor(list(targets), dtype=torch.long, device=raw.device).unsqueeze(1)
+        chosen = raw.gather(1, want)
+        ranks = ((raw > chosen).sum(dim=1) + 1).tolist()
+        top = raw.topk(k, dim=-1) if k > 0 else None
+        results = []
+        for i, t in enumerate(targets):
+            pairs = (
+                list(zip(top.indices[i].tolist(), top.values[i].tolist(), strict=True))
+                if top is not None
+                else []
+            )
+            results.append(SampleResult(t, float(chosen[i, 0]), int(ranks[i]), pairs))
+        return results
+
+    @staticmethod
     def _result(token: int, raw_row: torch.Tensor | None, num_logprobs: int | None) -> SampleResult:
         result = SampleResult(token)
         if raw_row is not None and num_logprobs is not None:

@@ -360,7 +360,9 @@ class OpenAIServing:
         kwargs: dict[str, Any] = {
             "structured": structured,
             "logit_bias": self._logit_bias(req),
-            "prompt_logprobs": req.prompt_logprobs,
+            "prompt_logprobs": req.prompt_logprobs
+            if req.prompt_logprobs is not None
+            else (req.logprobs if getattr(req, "echo", False) and isinstance(req.logprobs, int) else None),
             "n": req.n,
             "max_tokens": max_tokens,
             "min_tokens": req.min_tokens,
@@ -473,14 +475,22 @@ class OpenAIServing:
         k: int,
         text_offset: int,
         prompt_ids: Sequence[int] = (),
+        prompt_entries: Sequence[TokenLogprobs | None] | None = None,
     ) -> tuple[CompletionLogprobs, int]:
         out = CompletionLogprobs()
         decode = self.tokenizer.decode
-        for tid in prompt_ids:  # echo: the engine computes no prompt logprobs, so they are null
-            token = decode([tid], skip_special_tokens=False)
+        for i, tid in enumerate(prompt_ids):  # echo: the prompt's own logprobs (the first token has none)
+            entry = prompt_entries[i] if prompt_entries is not None and i < len(prompt_entries) else None
+            scored = entry.get(tid) if entry else None
+            token = scored.decoded_token if scored else decode([tid], skip_special_tokens=False)
             out.tokens.append(token)
-            out.token_logprobs.append(None)
-            out.top_logprobs.append(None)
+            out.token_logprobs.append(scored.logprob if scored else None)
+            if scored is None:
+                out.top_logprobs.append(None)
+            else:
+                top = {lp.decoded_token: lp.logprob for _, lp in self._top(entry, k)}
+                top.setdefault(scored.decoded_token, scored.logprob)
+                out.top_logprobs.append(top)
             out.text_offset.append(text_offset)
             text_offset += len(token)
         for tid, entry in zip(token_ids, entries, strict=False):
@@ -605,12 +615,16 @@ class OpenAIServing:
                         req.logprobs,
                         0,
                         prompt.token_ids if req.echo else (),
+                        final.prompt_logprobs,
                     )
                 choices.append(
                     CompletionChoice(
                         index=i * req.n + c.index,
                         text=prefix + c.text,
                         logprobs=logprobs,
+                        prompt_logprobs=self._prompt_logprobs(final)
+                        if req.prompt_logprobs is not None
+                        else None,
                         finish_reason=c.finish_reason,
                         stop_reason=c.stop_reason,
                     )
@@ -619,6 +633,22 @@ class OpenAIServing:
             id=request_id, created=created, model=self.model_name, choices=choices, usage=self._usage(finals)
         )
         return Response(response.model_dump_json(), media_type="application/json")
+
+    @staticmethod
+    def _prompt_logprobs(out: RequestOutput) -> list[dict[str, dict[str, Any]] | None] | None:
+        """vLLM's prompt_logprobs form: per prompt token None (the first) or {token id: {logprob, rank,
+        decoded_token}} holding the prompt token and the top k."""
+        if out.prompt_logprobs is None:
+            return None
+        return [
+            None
+            if entry is None
+            else {
+                str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+                for t, lp in entry.items()
+            }
+            for entry in out.prompt_logprobs
+        ]
 
     def _echo_text(self, prompt: _Prompt) -> str:
         if prompt.text is not None:
@@ -656,6 +686,7 @@ class OpenAIServing:
                             req.logprobs,
                             st.text_offset,
                             echo_ids,
+                            out.prompt_logprobs,
                         )
                     st.num_tokens = len(c.token_ids)
                     finish = c.finish_reason if c.finish_reason and not st.finished else None
@@ -823,7 +854,12 @@ class OpenAIServing:
                 )
             )
         response = ChatCompletionResponse(
-            id=request_id, created=created, model=self.model_name, choices=choices, usage=self._usage(finals)
+            id=request_id,
+            created=created,
+            model=self.model_name,
+            choices=choices,
+            usage=self._usage(finals),
+            prompt_logprobs=self._prompt_logprobs(final) if req.prompt_logprobs is not None else None,
         )
         return Response(response.model_dump_json(), media_type="application/json")
 
