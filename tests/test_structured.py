@@ -66,7 +66,7 @@ def test_json_schema_outputs_validate(llm, temperature):
 def test_each_constraint_form_holds(llm, structured, check):
     for temperature in (0.0, 0.9):
         params = SamplingParams(max_tokens=60, temperature=temperature, seed=3, structured=structured)
-        for out in run(llm, params):
+        for out in run(llm, params, PROMPTS[:2]):
             c = out.outputs[0]
             assert check(c.text), (structured, c.text)
             assert c.finish_reason == "stop" or "json_object" in structured

@@ -211,15 +211,16 @@ def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Packed int32 words -> [vocab_size] bool (True: allowed); tokens past the mask's words are refused.
     numpy's unpackbits (little bit order over the words' little-endian bytes) is ~5x faster than shifts."""
     words = bitmask.detach().cpu().contiguous().numpy()
-    bits = torch.from_numpy(np.unpackbits(words.view(np.uint8), bitorder="little").view(np.bool_))
-    if bits.numel() < vocab_size:
-        bits = torch.cat([bits, bits.new_zeros(vocab_size - bits.numel())])
-    return bits[:vocab_size]
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little").view(np.bool_)
+    if bits.size < vocab_size:
+        bits = np.concatenate([bits, np.zeros(vocab_size - bits.size, dtype=np.bool_)])
+    return torch.from_numpy(bits[:vocab_size])
 
 
 def apply_bitmask(row: torch.Tensor, bitmask: torch.Tensor) -> None:
     """Refuse (-inf) the tokens the grammar does not allow. A mask allowing nothing (a matcher in error) is
     not applied: the engine ends such a sequence, and an all -inf row must never reach the draw."""
+    if not bool(bitmask.any()):  # 1.5k words, not 49k flags
+        return
     allowed = allowed_tokens(bitmask, row.shape[-1]).to(row.device)
-    if bool(allowed.any()):
-        row.masked_fill_(~allowed, float("-inf"))
+    row.masked_fill_(~allowed, float("-inf"))
