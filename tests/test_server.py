@@ -386,6 +386,8 @@ BAD_COMPLETIONS = [
     ("logit_bias", {"prompt": "x", "logit_bias": {"1": 5}}, 400, "logit_bias"),
     ("kv_policy unknown", {"prompt": "x", "kv_policy": "lru:budget=3"}, 400, "kv_policy"),
     ("kv_policy budget", {"prompt": "x", "kv_policy": "h2o:budget=2.5"}, 400, "kv_policy"),
+    ("logit_bias key", {"prompt": "x", "logit_bias": {"one": 5}}, 400, "logit_bias"),
+    ("logit_bias value", {"prompt": "x", "logit_bias": {"1": 500}}, 400, "logit_bias"),
 ]
 
 BAD_CHAT = [

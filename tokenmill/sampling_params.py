@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from tokenmill.errors import INVALID_VALUE, AdmissionError
 from tokenmill.kv.policy import KVPolicy, parse_kv_policy
+from tokenmill.structured.params import StructuredOutputs
 
 _GREEDY_EPS = 1e-5
 
@@ -33,12 +34,24 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # KV eviction policy of this request (kv/policy.py), e.g. "snapkv:budget=0.25"; None: the engine's default
     kv_policy: str | KVPolicy | None = None
+    # Constrain the output to a JSON schema, regex, choice or grammar (a StructuredOutputs or a dict of its
+    # fields, e.g. {"json": schema}); the engine masks the logits of each step with the grammar's bitmask.
+    structured: StructuredOutputs | dict | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI)
+    prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob plus the top k
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.structured = StructuredOutputs.coerce(self.structured)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise AdmissionError(
+                    "logit_bias", INVALID_VALUE, "logit_bias must be a dict of token id -> bias"
+                )
+            self.logit_bias = dict(self.logit_bias) or None
         if self.top_k == -1:
             self.top_k = 0
         if self.kv_policy is not None:
@@ -110,6 +123,28 @@ class SamplingParams:
             "logprobs",
             "an integer in [0, 20] or None",
             self.logprobs,
+        )
+
+        if self.logit_bias:
+            check(
+                all(is_int(t) and t >= 0 for t in self.logit_bias),
+                "logit_bias",
+                "a dict whose keys are token ids (integers >= 0)",
+                list(self.logit_bias)[:5],
+            )
+            check(
+                all(is_num(v) and -100.0 <= v <= 100.0 for v in self.logit_bias.values()),
+                "logit_bias",
+                "a dict whose values are numbers in [-100, 100]",
+                list(self.logit_bias.values())[:5],
+            )
+            check(len(self.logit_bias) <= 1024, "logit_bias", "at most 1024 entries", len(self.logit_bias))
+        check(
+            self.prompt_logprobs is None
+            or (is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
+            "prompt_logprobs",
+            "an integer in [0, 20] or None",
+            self.prompt_logprobs,
         )
 
     @property

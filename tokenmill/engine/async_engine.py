@@ -255,6 +255,12 @@ class AsyncLLMEngine:
         return self.engine.kv_capacity_tokens * self.engine.kv_bytes_per_token
 
     @property
+    def structured(self):
+        """The engine's grammar compiler (thread-safe): the server compiles constraints with it in worker
+        threads before submitting, so the engine thread only finds them in its cache."""
+        return self.engine.structured
+
+    @property
     def model_name(self) -> str:
         return self.engine.model_name
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -35,6 +36,7 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec import Proposer
 from tokenmill.spec.ngram import NgramProposer
 from tokenmill.spec.stats import SpecStats
+from tokenmill.structured.grammar import StructuredBackend
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +98,8 @@ class LLMEngine:
         # Requests failed alone by a step (request id -> why): their final output has finish_reason "error";
         # the async engine takes these to end their streams with an error.
         self.failures: dict[str, str] = {}
+        self._structured: StructuredBackend | None = None
+        self._structured_lock = threading.Lock()
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(config.seed)
@@ -112,6 +116,15 @@ class LLMEngine:
     @property
     def model_name(self) -> str:
         return self.source.name
+
+    @property
+    def structured(self) -> StructuredBackend:
+        """The grammar compiler of this model's tokenizer, built on first use (about 0.5 s). Thread-safe:
+        the server compiles constraints with it in worker threads before submitting requests."""
+        with self._structured_lock:
+            if self._structured is None:
+                self._structured = StructuredBackend(self.tokenizer, self.model_config.vocab_size)
+            return self._structured
 
     # ---- admission -----------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
@@ -197,6 +210,8 @@ class LLMEngine:
             raise AdmissionError(
                 "request_id", DUPLICATE_REQUEST_ID, f"request id {request_id!r} is already in use"
             )
+        if params.structured is not None:
+            self.structured.compile(params.structured)  # raises AdmissionError; a cache hit if precompiled
         request = Request(request_id, text, ids, params)
         for index in range(params.n):
             seq = self._new_sequence(request, index, max_tokens, policy)
@@ -226,6 +241,8 @@ class LLMEngine:
             max_tokens=max_tokens,
             logprobs=[] if params.logprobs is not None else None,
             kv_policy=policy,
+            grammar=self.structured.matcher(params.structured) if params.structured is not None else None,
+            prompt_scores=[] if params.prompt_logprobs is not None and index == 0 else None,
         )
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -377,6 +394,16 @@ class LLMEngine:
         delta = seq.detokenizer.step([token])
         seq.output_text += delta
         n_out = seq.num_output_tokens
+        grammar_done = False
+        if seq.grammar is not None and token not in self.tokenizer.eos_token_ids:
+            if not seq.grammar.accept(token):  # the mask made this impossible; never continue off-grammar
+                logger.error(
+                    "request %s: token %d refused by its grammar: %s",
+                    seq.request.request_id,
+                    token,
+                    seq.grammar.error,
+                )
+            grammar_done = seq.grammar.is_stopped
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token in self.tokenizer.eos_token_ids:
                 return self._finish_and_free(seq, "stop")
@@ -390,6 +417,8 @@ class LLMEngine:
                     seq.output_text = seq.output_text[:cut]
                     seq.stop_reason = stop
                     return self._finish_and_free(seq, "stop")
+        if grammar_done:  # the grammar is complete: only the end of sequence could follow
+            return self._finish_and_free(seq, "stop")
         if n_out >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             return self._finish_and_free(seq, "length")
 
@@ -443,6 +472,12 @@ class LLMEngine:
             )
             for seq in request.seqs
         ]
+        first = request.seqs[0]
+        prompt_logprobs = None
+        if first.prompt_scores is not None:  # entry 0 (the first prompt token) has nothing before it: None
+            for result in first.prompt_scores[len(first.prompt_logprobs) :]:
+                first.prompt_logprobs.append(self._logprob_entry(result))
+            prompt_logprobs = [None, *first.prompt_logprobs]
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
@@ -450,7 +485,8 @@ class LLMEngine:
             outputs=outputs,
             finished=request.finished,
             metrics=request.metrics,
-            num_cached_tokens=request.seqs[0].num_cached_tokens,
+            num_cached_tokens=first.num_cached_tokens,
+            prompt_logprobs=prompt_logprobs,
         )
 
 

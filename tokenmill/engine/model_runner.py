@@ -14,6 +14,7 @@ import torch
 
 from tokenmill.engine.sampling_rows import rows_from_seqs
 from tokenmill.engine.scheduler import ScheduledBatch, ScheduledSeq
+from tokenmill.engine.sequence import Sequence
 from tokenmill.errors import NonFiniteLogitsError
 from tokenmill.kv.cache import KVCache
 from tokenmill.layers.attention import MAX_PAGED_QUERY_LEN, AttentionRow, build_attention_metadata
@@ -50,8 +51,12 @@ class ModelRunner:
             raise NonFiniteLogitsError(
                 sorted({step.rows[i][0].seq.seq_id for i in bad.nonzero()[:, 0].tolist()})
             )
+        if any(s.seq.wants_prompt_logprobs for s in batch.seqs):
+            self._score_prompts(step)
         last = [
-            i for i, (s, j) in enumerate(step.rows) if j == s.num_new_tokens - 1 and not s.seq.draft_token_ids
+            i
+            for i, (s, j) in enumerate(step.rows)
+            if j == s.num_new_tokens - 1 and s.samples and not s.seq.draft_token_ids
         ]
         seqs = [step.rows[i][0].seq for i in last]
         logits = step.logits if len(last) == len(step.rows) else step.logits[last]
@@ -69,6 +74,30 @@ class ModelRunner:
                 )
             start += rows
         return out
+
+    def _score_prompts(self, step: StepLogits) -> None:
+        """Prompt logprobs: each prompt row's logits score the prompt token after it (appended to the
+        sequence's prompt_scores in order; rows a recompute after preemption repeats are skipped)."""
+        picks: list[tuple[int, int, Sequence]] = []  # (logits row, target token, sequence)
+        next_target: dict[int, int] = {}  # seq_id -> the prompt position its next new score is for
+        for r, (s, j) in enumerate(step.rows):
+            seq = s.seq
+            if seq.prompt_scores is None:
+                continue
+            expected = next_target.setdefault(seq.seq_id, len(seq.prompt_scores) + 1)
+            target = seq.num_computed_tokens + j + 1  # the position this row predicts
+            if target == expected and target < seq.num_prompt_tokens:
+                picks.append((r, seq.token_ids[target], seq))
+                next_target[seq.seq_id] = expected + 1
+        if not picks:
+            return
+        rows = torch.tensor([r for r, _, _ in picks], dtype=torch.long, device=step.logits.device)
+        targets = [t for _, t, _ in picks]
+        k = max(seq.params.prompt_logprobs or 0 for _, _, seq in picks)
+        for (_, _, seq), result in zip(picks, self.sampler.score(step.logits[rows], targets, k), strict=True):
+            want = seq.params.prompt_logprobs or 0
+            result.top = (result.top or [])[:want]
+            seq.prompt_scores.append(result)
 
     def execute(self, batch: ScheduledBatch, layers: list[int] | None = None) -> StepLogits:
         """The forward pass alone: logits of each sequence's last `num_logits` query tokens, for the

@@ -35,7 +35,10 @@ class ScheduledSeq:
 
     @property
     def num_logits(self) -> int:
-        """How many of the last query tokens need logits: none while a prompt is still being chunked."""
+        """How many of the last query tokens need logits: none while a prompt is still being chunked, except
+        for a request that asked for prompt logprobs (every prompt token's row then)."""
+        if self.seq.wants_prompt_logprobs:
+            return self.num_new_tokens
         return min(self.num_new_tokens, 1 + self.extra_logits) if self.samples else 0
 
 
@@ -148,7 +151,8 @@ class Scheduler:
                 seq.fork_parent = None
                 return True
             seq.fork_parent = None  # parent finished early: fall back to the prefix cache
-        if seq.num_computed_tokens == 0 and not seq.block_table:
+        if seq.num_computed_tokens == 0 and not seq.block_table and not seq.wants_prompt_logprobs:
+            # (prompt logprobs need every prompt token computed: no prefix-cache hits for them)
             ids, hashes = bm.find_cached_prefix(seq)
             bm.allocate_prefix(seq, ids, hashes)
             if seq.num_output_tokens == 0:

@@ -5,14 +5,19 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from tokenmill.kv.eviction import SeqKVState
 from tokenmill.kv.policy import FULL, KVPolicy
+from tokenmill.layers.sampler import SampleResult
 from tokenmill.models.tokenizer import IncrementalDetokenizer
 from tokenmill.outputs import RequestMetrics, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.structured.grammar import GrammarMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -52,6 +57,12 @@ class Sequence:
         self.kv_state = None
         self.draft_token_ids = []
 
+    grammar: GrammarMatcher | None = None  # structured output: follows the accepted tokens
+    # prompt logprobs (params.prompt_logprobs): score i is prompt token i + 1 given the tokens before it, as
+    # the runner computed it; prompt_logprobs holds the same as output entries (converted as they are shown)
+    prompt_scores: list[SampleResult] | None = None
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+
     @property
     def params(self) -> SamplingParams:
         return self.request.params
@@ -77,6 +88,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all computed yet (a recompute after preemption adds none)."""
+        return self.prompt_scores is not None and len(self.prompt_scores) < self.num_prompt_tokens - 1
 
     @property
     def is_finished(self) -> bool:

@@ -28,6 +28,7 @@ from tokenmill.engine.async_engine import (
     QueueFullError,
     RequestStream,
 )
+from tokenmill.entrypoints.openai import tools
 from tokenmill.entrypoints.openai.fair_queue import FairGate, Ticket
 from tokenmill.entrypoints.openai.limits import (
     LimitExceeded,
@@ -55,10 +56,12 @@ from tokenmill.entrypoints.openai.protocol import (
     DeltaMessage,
     DetokenizeRequest,
     DetokenizeResponse,
+    FunctionCallOut,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    ToolCall,
     UsageInfo,
 )
 from tokenmill.entrypoints.openai.server_options import ServerOptions
@@ -67,6 +70,7 @@ from tokenmill.metrics import Metrics
 from tokenmill.models.tokenizer import _bytes_to_unicode
 from tokenmill.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured import StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -377,12 +381,74 @@ class OpenAIServing:
         if req.stream_options is not None and not req.stream:
             raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
         if req.logit_bias:
-            raise ApiError(400, "logit_bias is not supported", param="logit_bias")
+            self._logit_bias(req)  # 400 on a key that is not a token id
         if isinstance(req.stop, list) and len(req.stop) > 64:
             raise ApiError(400, f"stop must be at most 64 strings, got {len(req.stop)}", param="stop")
         bad = [t for t in req.stop_token_ids or [] if t >= self.vocab_size]
         if bad:
             raise ApiError(400, f"stop_token_ids must be in [0, {self.vocab_size})", param="stop_token_ids")
+
+    def _logit_bias(self, req: CompletionRequest | ChatCompletionRequest) -> dict[int, float] | None:
+        if not req.logit_bias:
+            return None
+        bias = {}
+        for key, value in req.logit_bias.items():
+            if not key.isdigit() or int(key) >= self.vocab_size:
+                raise ApiError(
+                    400,
+                    f"logit_bias keys must be token ids in [0, {self.vocab_size}), got {key!r}",
+                    param="logit_bias",
+                )
+            bias[int(key)] = value
+        if len(bias) > 1024:
+            raise ApiError(400, "logit_bias takes at most 1024 tokens", param="logit_bias")
+        return bias
+
+    def _structured_request(
+        self, req: CompletionRequest | ChatCompletionRequest
+    ) -> tuple[StructuredOutputs, str] | None:
+        """The output constraint a request asks for and the field that asked: response_format (json_object,
+        json_schema) or one of the guided_* extra fields (vLLM's names). More than one is a 400."""
+        found: list[tuple[StructuredOutputs, str]] = []
+
+        def add(field: str, **constraint: Any) -> None:
+            try:
+                found.append((StructuredOutputs(**constraint), field))
+            except AdmissionError as exc:
+                raise ApiError(400, f"{field}: {exc.message}", param=field) from None
+
+        rf = req.response_format
+        if rf is not None and rf.type == "json_object":
+            add("response_format", json_object=True)
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None:
+                raise ApiError(
+                    400, "response_format json_schema needs a json_schema object", param="response_format"
+                )
+            add("response_format", json=rf.json_schema.schema_)
+        if req.guided_json is not None:
+            add("guided_json", json=req.guided_json)
+        if req.guided_regex is not None:
+            add("guided_regex", regex=req.guided_regex)
+        if req.guided_choice is not None:
+            add("guided_choice", choice=tuple(req.guided_choice))
+        if req.guided_grammar is not None:
+            add("guided_grammar", grammar=req.guided_grammar)
+        if len(found) > 1:
+            raise ApiError(
+                400,
+                f"give one output constraint, got {', '.join(f for _, f in found)}",
+                param=found[1][1],
+            )
+        return found[0] if found else None
+
+    async def _compile(self, spec: StructuredOutputs, param: str) -> None:
+        """Compile (or find cached) a constraint in a worker thread, so the engine thread never compiles; an
+        invalid schema, regex or grammar is a 400 naming `param`."""
+        try:
+            await asyncio.to_thread(self.engine.structured.compile, spec)
+        except AdmissionError as exc:
+            raise ApiError(400, f"{param}: {exc.message}", param=param) from None
 
     def _sampling_params(
         self,
@@ -390,8 +456,14 @@ class OpenAIServing:
         max_tokens: int,
         logprobs: int | None,
         max_tokens_param: str,
+        structured: StructuredOutputs | None = None,
     ) -> SamplingParams:
         kwargs: dict[str, Any] = {
+            "structured": structured,
+            "logit_bias": self._logit_bias(req),
+            "prompt_logprobs": req.prompt_logprobs
+            if req.prompt_logprobs is not None
+            else (req.logprobs if getattr(req, "echo", False) and isinstance(req.logprobs, int) else None),
             "n": req.n,
             "max_tokens": max_tokens,
             "min_tokens": req.min_tokens,
@@ -525,14 +597,22 @@ class OpenAIServing:
         k: int,
         text_offset: int,
         prompt_ids: Sequence[int] = (),
+        prompt_entries: Sequence[TokenLogprobs | None] | None = None,
     ) -> tuple[CompletionLogprobs, int]:
         out = CompletionLogprobs()
         decode = self.tokenizer.decode
-        for tid in prompt_ids:  # echo: the engine computes no prompt logprobs, so they are null
-            token = decode([tid], skip_special_tokens=False)
+        for i, tid in enumerate(prompt_ids):  # echo: the prompt's own logprobs (the first token has none)
+            entry = prompt_entries[i] if prompt_entries is not None and i < len(prompt_entries) else None
+            scored = entry.get(tid) if entry else None
+            token = scored.decoded_token if scored else decode([tid], skip_special_tokens=False)
             out.tokens.append(token)
-            out.token_logprobs.append(None)
-            out.top_logprobs.append(None)
+            out.token_logprobs.append(scored.logprob if scored else None)
+            if scored is None:
+                out.top_logprobs.append(None)
+            else:
+                top = {lp.decoded_token: lp.logprob for _, lp in self._top(entry, k)}
+                top.setdefault(scored.decoded_token, scored.logprob)
+                out.top_logprobs.append(top)
             out.text_offset.append(text_offset)
             text_offset += len(token)
         for tid, entry in zip(token_ids, entries, strict=False):
@@ -628,7 +708,9 @@ class OpenAIServing:
         messages = self._chat_messages(req)
         try:
             check_count(self.limits.max_messages, len(messages), "messages", "messages", "--max-messages")
-            check_prompt_chars(self.limits, sum(len(m["content"]) for m in messages), "messages")
+            check_prompt_chars(
+                self.limits, sum(len(str(m.get("content") or "")) for m in messages), "messages"
+            )
         except LimitExceeded as exc:
             raise limit_error(exc) from None
         return messages
@@ -651,12 +733,16 @@ class OpenAIServing:
                 f"prompts x n must be at most {MAX_SEQUENCES_PER_REQUEST}, got {len(prompts) * req.n}",
                 param="n",
             )
+        constraint = self._structured_request(req)
+        if constraint is not None:
+            await self._compile(*constraint)
         params = [
             self._sampling_params(
                 req,
                 req.max_tokens if req.max_tokens is not None else self._default_max_tokens(len(p.token_ids)),
                 req.logprobs,
                 "max_tokens",
+                constraint[0] if constraint else None,
             )
             for p in prompts
         ]
@@ -686,12 +772,16 @@ class OpenAIServing:
                         req.logprobs,
                         0,
                         prompt.token_ids if req.echo else (),
+                        final.prompt_logprobs,
                     )
                 choices.append(
                     CompletionChoice(
                         index=i * req.n + c.index,
                         text=prefix + c.text,
                         logprobs=logprobs,
+                        prompt_logprobs=self._prompt_logprobs(final)
+                        if req.prompt_logprobs is not None
+                        else None,
                         finish_reason=c.finish_reason,
                         stop_reason=c.stop_reason,
                     )
@@ -700,6 +790,22 @@ class OpenAIServing:
             id=request_id, created=created, model=self.model_name, choices=choices, usage=self._usage(finals)
         )
         return Response(response.model_dump_json(), media_type="application/json")
+
+    @staticmethod
+    def _prompt_logprobs(out: RequestOutput) -> list[dict[str, dict[str, Any]] | None] | None:
+        """vLLM's prompt_logprobs form: per prompt token None (the first) or {token id: {logprob, rank,
+        decoded_token}} holding the prompt token and the top k."""
+        if out.prompt_logprobs is None:
+            return None
+        return [
+            None
+            if entry is None
+            else {
+                str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+                for t, lp in entry.items()
+            }
+            for entry in out.prompt_logprobs
+        ]
 
     def _echo_text(self, prompt: _Prompt) -> str:
         if prompt.text is not None:
@@ -738,6 +844,7 @@ class OpenAIServing:
                             req.logprobs,
                             st.text_offset,
                             echo_ids,
+                            out.prompt_logprobs,
                         )
                     st.num_tokens = len(c.token_ids)
                     finish = c.finish_reason if c.finish_reason and not st.finished else None
@@ -801,22 +908,32 @@ class OpenAIServing:
         return _EventStreamResponse(body, cleanup, self.options.stream_stall_timeout)
 
     # ---- /v1/chat/completions -------------------------------------------------------------------------
-    def _chat_messages(self, req: ChatCompletionRequest | TokenizeRequest) -> list[dict[str, str]]:
+    def _chat_messages(self, req: ChatCompletionRequest | TokenizeRequest) -> list[dict[str, Any]]:
         messages = []
         for m in req.messages or []:
             if isinstance(m.content, list):
                 content = "".join(part.text for part in m.content)
             else:
                 content = m.content or ""
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+            msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+            if m.tool_calls:
+                msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
+            if m.name is not None and m.role == "tool":
+                msg["name"] = m.name
+            messages.append(msg)
         return messages
 
     def _chat_prompt_ids(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         try:
             ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=True
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True, tools=tools
             )
         except (ValueError, TypeError, KeyError, IndexError) as exc:
             raise ApiError(
@@ -824,14 +941,27 @@ class OpenAIServing:
             ) from None
         return list(ids)
 
+    async def _check_tools(self, req: ChatCompletionRequest) -> None:
+        """Every tool's parameters must be a JSON schema the grammar engine takes (they constrain required /
+        named calls); a named tool_choice must name one of the tools."""
+        if req.tool_choice is not None and not req.tools and req.tool_choice != "none":
+            raise ApiError(400, "tool_choice needs tools", param="tool_choice")
+        for i, tool in enumerate(req.tools or []):
+            if tool.function.parameters is not None:
+                await self._compile(
+                    StructuredOutputs(json=tool.function.parameters), f"tools.{i}.function.parameters"
+                )
+        if tools.tool_choice_mode(req) == "named" and tools.named_tool(req) is None:
+            raise ApiError(
+                400,
+                f"tool_choice names {req.tool_choice.function.name!r}, which is not in tools",
+                param="tool_choice",
+            )
+
     async def create_chat_completion(
         self, req: ChatCompletionRequest, raw_request: Request | None = None
     ) -> Response:
         self._check_common(req)
-        if req.tools:
-            raise ApiError(400, "tools are not supported", param="tools")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise ApiError(400, "only response_format {'type': 'text'} is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         messages = self._check_chat_limits(req)
@@ -840,10 +970,20 @@ class OpenAIServing:
         if max_asked is not None:
             self._check_budget(1, req.n, max_asked, top_k, "max_completion_tokens")
         ctx = self._context(req, raw_request)
+        await self._check_tools(req)
+        constraint = self._structured_request(req)
+        tool_spec = tools.tool_constraint(req)
+        if tool_spec is not None:
+            constraint = (tool_spec, "tools")
+        if constraint is not None:
+            await self._compile(*constraint)
+        messages, tool_list = tools.render_messages(
+            req, messages, tools.template_knows_tools(self.tokenizer.chat_template)
+        )
         if sum(len(m["content"]) for m in messages) > _OFFLOAD_CHARS:
-            ids = await asyncio.to_thread(self._chat_prompt_ids, messages)
+            ids = await asyncio.to_thread(self._chat_prompt_ids, messages, True, tool_list)
         else:
-            ids = self._chat_prompt_ids(messages)
+            ids = self._chat_prompt_ids(messages, True, tool_list)
         if req.max_completion_tokens is not None:
             max_tokens, max_param = req.max_completion_tokens, "max_completion_tokens"
         elif req.max_tokens is not None:
@@ -852,7 +992,9 @@ class OpenAIServing:
             max_tokens, max_param = self._default_max_tokens(len(ids)), "max_completion_tokens"
             self._check_budget(1, req.n, max_tokens, top_k, max_param)
         top_k = req.top_logprobs or 0
-        params = self._sampling_params(req, max_tokens, top_k if req.logprobs else None, max_param)
+        params = self._sampling_params(
+            req, max_tokens, top_k if req.logprobs else None, max_param, constraint[0] if constraint else None
+        )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         tracked = await self._admit(
@@ -866,18 +1008,35 @@ class OpenAIServing:
         if finals is None:
             return Response(status_code=499)
         final = finals[0]
-        choices = [
-            ChatCompletionChoice(
-                index=c.index,
-                message=ChatResponseMessage(content=c.text),
-                logprobs=self._chat_logprobs(c.token_ids, c.logprobs or [], top_k) if req.logprobs else None,
-                finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason,
+        choices = []
+        for c in final.outputs:
+            content, calls = tools.parse_reply(req, c.text)
+            choices.append(
+                ChatCompletionChoice(
+                    index=c.index,
+                    message=ChatResponseMessage(
+                        content=content,
+                        tool_calls=[
+                            ToolCall(
+                                id=call.id, function=FunctionCallOut(name=call.name, arguments=call.arguments)
+                            )
+                            for call in calls
+                        ],
+                    ),
+                    logprobs=self._chat_logprobs(c.token_ids, c.logprobs or [], top_k)
+                    if req.logprobs
+                    else None,
+                    finish_reason="tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason,
+                    stop_reason=c.stop_reason,
+                )
             )
-            for c in final.outputs
-        ]
         response = ChatCompletionResponse(
-            id=request_id, created=created, model=self.model_name, choices=choices, usage=self._usage(finals)
+            id=request_id,
+            created=created,
+            model=self.model_name,
+            choices=choices,
+            usage=self._usage(finals),
+            prompt_logprobs=self._prompt_logprobs(final) if req.prompt_logprobs is not None else None,
         )
         return Response(response.model_dump_json(), media_type="application/json")
 
@@ -901,6 +1060,7 @@ class OpenAIServing:
             )
 
         states = [_ChoiceState() for _ in range(req.n)]
+        replies = [tools.ReplyStreamer(req) for _ in range(req.n)]
         try:
             for index in range(req.n):
                 yield chunk(
@@ -918,12 +1078,16 @@ class OpenAIServing:
                     st.num_tokens = len(c.token_ids)
                     finish = c.finish_reason if c.finish_reason and not st.finished else None
                     st.finished = st.finished or finish is not None
-                    if not (text or logprobs or finish):
+                    reply = replies[c.index]
+                    text, calls = reply.feed(text, finish is not None)
+                    if finish == "stop" and reply.called:
+                        finish = "tool_calls"
+                    if not (text or calls or logprobs or finish):
                         continue
                     yield chunk(
                         ChatCompletionStreamChoice(
                             index=c.index,
-                            delta=DeltaMessage(content=text or None),
+                            delta=DeltaMessage(content=text or None, tool_calls=calls or None),
                             logprobs=logprobs,
                             finish_reason=finish,
                             stop_reason=c.stop_reason if finish else None,
