@@ -165,6 +165,9 @@ def test_adaptive_rule_speculates_only_while_it_pays():
     for _ in range(50):
         bad.observe(4, 0)
     assert bad.choose(1, fit) == 0
+    # while off, one sequence still speculates every 8th step, so acceptance keeps being measured
+    steps = [(bad.choose(1, fit), bad.probe()) for _ in range(16)]
+    assert all(k == 0 for k, _ in steps) and [p for _, p in steps].count(4) == 2
     # an expensive draft needs more acceptance: the same record at a draft cost of 0.5 picks a shorter k
     costly = AdaptiveLength(max_k=8, draft_cost=0.5, accepted=good.accepted, rejected=good.rejected)
     assert 0 < costly.choose(1, fit) < good.choose(1, fit)

@@ -303,14 +303,18 @@ class LLMEngine:
         spec = self.speculative_config
         decoding = [s for s in self.scheduler.running if s.num_computed_tokens == s.num_tokens - 1]
         k = spec.num_speculative_tokens
+        probe = 0
         if self.adaptive is not None:
             k = self.adaptive.choose(len(decoding), self.step_budget.fit())
+            probe = self.adaptive.probe() if k == 0 else 0
         asks = []
         for seq in decoding:
             room = min(seq.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
             seq.draft_token_ids = []
-            if min(k, room) > 0:
-                asks.append(DraftAsk(seq.seq_id, seq.token_ids, min(k, room)))
+            want = min(k or probe, room)
+            if want > 0:
+                asks.append(DraftAsk(seq.seq_id, seq.token_ids, want))
+                probe = 0  # a probe is one sequence
         if not asks:
             return
         started = time.perf_counter()
@@ -322,7 +326,7 @@ class LLMEngine:
         fit = self.step_budget.fit()
         if self.adaptive is not None and fit is not None:
             passes = max(len(t) for t in drafts) or 1
-            self.adaptive.observe_draft_cost(seconds / passes, fit[0] + fit[1] * len(decoding))
+            self.adaptive.observe_draft_cost(seconds / passes, fit[0] + fit[1] * len(asks))
 
     def _append_token(self, seq: Sequence, result: SampleResult, now: float) -> None:
         params = seq.params

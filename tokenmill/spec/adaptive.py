@@ -9,8 +9,9 @@ chosen k maximises E(k) T(B) / (T(B(k+1)) + k c T(B)); when no k beats plain dec
 At large batch T grows with the tokens, the (k + 1)-fold verify dominates, and speculation switches off.
 
 The acceptance rate is a decayed count (accepted drafts vs rejections, the maximum-likelihood estimate
-under the geometric model) pulled towards a prior, and the counts keep decaying on steps that do not
-speculate, so the estimate drifts back to the prior and speculation is retried now and then.
+under the geometric model) pulled towards a prior. While speculation is off, one sequence still speculates
+every `probe_every` steps (`probe`), so a pessimistic prior or an old bad stretch cannot switch it off for
+good; at large batch that probe costs a few rows in one step of many.
 """
 
 from __future__ import annotations
@@ -47,8 +48,11 @@ class AdaptiveLength:
     prior_weight: float = 4.0  # pseudo-verifications behind the prior
     decay: float = 0.98  # per step: old evidence fades
     cost_smoothing: float = 0.2  # weight of a new draft-cost measurement
+    probe_every: int = 8  # while off: one sequence speculates on every this-many-th step
+    probe_k: int = 4
     accepted: float = 0.0
     rejected: float = 0.0
+    _off_steps: int = 0
 
     @property
     def acceptance(self) -> float:
@@ -79,4 +83,13 @@ class AdaptiveLength:
             gain = speedup(a, k, batch, fixed, per_token, self.draft_cost)
             if gain > best:
                 best_k, best = k, gain
+        self._off_steps = self._off_steps + 1 if best_k == 0 else 0
         return best_k
+
+    def probe(self) -> int:
+        """After choose() returned 0: drafts for one sequence of this step, to keep measuring acceptance."""
+        return (
+            min(self.probe_k, self.max_k)
+            if self._off_steps and self._off_steps % self.probe_every == 0
+            else 0
+        )
