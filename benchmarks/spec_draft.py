@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--batch16-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--modes", default="plain,fixed,adaptive")
+    parser.add_argument("--batches", default="1,16", help="batch sizes to run: 1 and/or 16")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     llm = LLM(
@@ -100,7 +101,7 @@ def main() -> None:
     llm.generate(["def warm_up():\n"], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
     rows = []
     reference: dict[int, list[list[int]]] = {}  # plain greedy outputs per batch size: speculation must match
-    for batch in (1, 16):
+    for batch in [int(b) for b in args.batches.split(",")]:
         for mode in args.modes.split(","):
             set_mode(llm, base, mode, args.k)
             proposer = llm.engine.proposer
