@@ -9,9 +9,9 @@ the same rollback, preemption and release handling, so that is what runs.
 
 `search_skip_layers` picks the subset: on a calibration text, the draft's teacher-forced greedy agreement
 with the full model is its acceptance rate, a skipped layer saves its share of the weights read per token,
-and spec/adaptive.py's speedup model scores a subset at batch 1. A greedy search adds the layer whose
-skipping scores best until nothing improves, then random swaps refine it (SWIFT uses a similar cheap search
-instead of training).
+and spec/adaptive.py's speedup model scores a subset at batch 1. A greedy search adds, round by round, the
+layer whose skipping scores best and keeps the best subset on that path; random swaps then refine it (SWIFT
+uses a similar cheap search instead of training).
 """
 
 from __future__ import annotations
@@ -118,6 +118,9 @@ def teacher_forced_argmax(
     return step.logits.argmax(dim=-1)
 
 
+MIN_AGREEMENT = 0.1  # the greedy path stops once the draft agrees with the model this rarely
+
+
 @dataclass
 class SkipSearchResult:
     skip_layers: list[int]
@@ -167,17 +170,21 @@ def search_skip_layers(
         trials.append({"skip_layers": list(skip), "acceptance": agree, "score": best[0], "k": best[1]})
         return best[0]
 
+    # Greedy path: each round skips the one more layer that scores best, even when that round scores below
+    # the last (a cheaper draft several layers on can win again); the best subset on the path is kept.
+    path: tuple[int, ...] = ()
     current: tuple[int, ...] = ()
     current_score = 0.0
     while len(scores) < max_evals:
-        options = [tuple(sorted((*current, i))) for i in range(n) if i not in current]
+        options = [tuple(sorted((*path, i))) for i in range(n) if i not in path]
         options = [o for o in options if len(o) < n][: max(1, max_evals - len(scores))]
         if not options:
             break
-        best = max(options, key=score)
-        if current and scores[best][0] <= current_score:
-            break  # skipping one more layer does not pay (the first is always taken: a result to report)
-        current, current_score = best, scores[best][0]
+        path = max(options, key=score)
+        if scores[path][0] > current_score:
+            current, current_score = path, scores[path][0]
+        if scores[path][1] < MIN_AGREEMENT:
+            break  # drafts this poor cannot pay at any cost
     rng = random.Random(seed)
     for _ in range(random_swaps):
         if not current or len(current) >= n or len(scores) >= max_evals:
