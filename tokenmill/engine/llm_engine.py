@@ -86,6 +86,7 @@ class LLMEngine:
             if spec_config.adaptive:
                 self.adaptive = AdaptiveLength(spec_config.num_speculative_tokens, self.proposer.prior_cost)
         self.spec_stats = SpecStats()
+        self._drafted: set[int] = set()  # sequences the proposer may hold state for
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
@@ -255,9 +256,6 @@ class LLMEngine:
         if self.speculative_config is not None:
             self._propose_drafts()
         batch = self.scheduler.schedule(self.step_budget.budget(len(self.scheduler.running)))
-        if self.proposer is not None:
-            for seq in batch.preempted:  # recomputed from scratch later: the proposer's state for it goes
-                self.proposer.release(seq.seq_id)
         if not batch:
             return []
         started = time.perf_counter()
@@ -301,6 +299,10 @@ class LLMEngine:
         next step verifies them together with the sequence's next token. k is fixed, or chosen per step by
         spec/adaptive.py from the acceptance so far, the batch size and the measured costs (0: no drafts)."""
         spec = self.speculative_config
+        running = {s.seq_id for s in self.scheduler.running}
+        for seq_id in self._drafted - running:  # preempted since (finished ones were released by _finish)
+            self.proposer.release(seq_id)
+        self._drafted &= running
         decoding = [s for s in self.scheduler.running if s.num_computed_tokens == s.num_tokens - 1]
         k = spec.num_speculative_tokens
         probe = 0
@@ -317,6 +319,7 @@ class LLMEngine:
                 probe = 0  # a probe is one sequence
         if not asks:
             return
+        self._drafted.update(a.seq_id for a in asks)
         started = time.perf_counter()
         drafts = self.proposer.propose(asks)
         seconds = time.perf_counter() - started
