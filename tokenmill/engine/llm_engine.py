@@ -78,6 +78,10 @@ class LLMEngine:
         # multi-GiB memset at start-up); the torch path attends over whole blocks under a mask and needs zeros.
         kv_cache = KVCache(spec, num_blocks, config.torch_device, zero=loaded.model.kernels is None)
         self.runner = ModelRunner(loaded.model, kv_cache, Sampler(self.tokenizer.eos_token_ids))
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._seed_rng = torch.Generator().manual_seed(config.seed)
         self.speculative_config = spec_config = config.speculative_config
         self.proposer: Proposer | None = None
         self.adaptive: AdaptiveLength | None = None
@@ -87,10 +91,6 @@ class LLMEngine:
                 self.adaptive = AdaptiveLength(spec_config.num_speculative_tokens, self.proposer.prior_cost)
         self.spec_stats = SpecStats()
         self._drafted: set[int] = set()  # sequences the proposer may hold state for
-        self.requests: dict[str, Request] = {}
-        self._seq_ids = itertools.count()
-        self._request_ids = itertools.count()
-        self._seed_rng = torch.Generator().manual_seed(config.seed)
 
     def _build_proposer(self, spec: SpeculativeConfig, num_blocks: int) -> Proposer:
         if spec.method == "ngram":
