@@ -36,11 +36,19 @@ class KnownContinuation:
     """A test proposer that knows the greedy continuations and proposes them with every third token wrong,
     so verification both accepts and rejects (a random tiny model rarely repeats itself for prompt lookup)."""
 
+    prior_cost = 0.0
+
     def __init__(self, outputs):
         self.full = [o.prompt_token_ids + o.outputs[0].token_ids for o in outputs]
         self.calls = 0
 
-    def propose(self, token_ids: list[int], k: int) -> list[int]:
+    def propose(self, asks) -> list[list[int]]:
+        return [self.propose_one(a.token_ids, a.k) for a in asks]
+
+    def release(self, seq_id: int) -> None:
+        pass
+
+    def propose_one(self, token_ids: list[int], k: int) -> list[int]:
         self.calls += 1
         for full in self.full:
             if full[: len(token_ids)] == token_ids:
@@ -153,7 +161,14 @@ def test_sampling_with_speculation_runs_every_parameter(tiny_model_dir):
     "config, message",
     [
         ({"method": "medusa"}, "method must be one of"),
-        ({"method": "draft"}, "not available yet"),
+        ({"method": "draft"}, 'needs "model"'),
+        ({"method": "ngram", "model": "x"}, "does not use"),
+        ({"method": "layerskip"}, "exactly one of"),
+        ({"method": "layerskip", "skip_layers": [1, 1]}, "distinct"),
+        ({"method": "layerskip", "skip_layers_file": "/nonexistent.json"}, "cannot be read"),
+        ({"method": "ngram", "skip_layers": [1]}, "apply to method layerskip"),
+        ({"num_speculative_tokens": "many"}, "auto"),
+        ({"method": "draft_model", "model": "a", "draft_model": "b"}, "disagree"),
         ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
         ({"prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_min"),
         ({"k": 3}, "unknown keys"),

@@ -33,7 +33,9 @@ from tokenmill.models.source import resolve_model
 from tokenmill.models.tokenizer import IncrementalDetokenizer, Tokenizer
 from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.spec import Proposer
+from tokenmill.spec import DraftAsk, Proposer
+from tokenmill.spec.adaptive import AdaptiveLength
+from tokenmill.spec.config import SpeculativeConfig
 from tokenmill.spec.ngram import NgramProposer
 from tokenmill.spec.stats import SpecStats
 from tokenmill.structured.grammar import StructuredBackend
@@ -82,13 +84,6 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self.step_budget = StepBudget(config.max_num_batched_tokens, config.slo_tpot)
-        self.speculative_config = spec_config = config.speculative_config
-        self.proposer: Proposer | None = (
-            NgramProposer(spec_config.prompt_lookup_min, spec_config.prompt_lookup_max)
-            if spec_config is not None
-            else None
-        )
-        self.spec_stats = SpecStats()
         # The C++ attention kernel reads only written slots, so its cache may start uninitialized (no
         # multi-GiB memset at start-up); the torch path attends over whole blocks under a mask and needs zeros.
         kv_cache = KVCache(spec, num_blocks, config.torch_device, zero=loaded.model.kernels is None)
@@ -103,6 +98,33 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._seed_rng = torch.Generator().manual_seed(config.seed)
+        self.speculative_config = spec_config = config.speculative_config
+        self.proposer: Proposer | None = None
+        self.adaptive: AdaptiveLength | None = None
+        if spec_config is not None:
+            self.proposer = self._build_proposer(spec_config, num_blocks)
+            if spec_config.adaptive:
+                self.adaptive = AdaptiveLength(spec_config.num_speculative_tokens, self.proposer.prior_cost)
+        self.spec_stats = SpecStats()
+        self._drafted: set[int] = set()  # sequences the proposer may hold state for
+
+    def _build_proposer(self, spec: SpeculativeConfig, num_blocks: int) -> Proposer:
+        if spec.method == "ngram":
+            return NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
+        c = self.config
+        if spec.method == "draft_model":
+            from tokenmill.spec.draft import load_draft_proposer
+
+            return load_draft_proposer(
+                c, spec.model, spec.num_speculative_tokens, self.model_config, self.tokenizer,
+                self.max_model_len, num_blocks,
+            )  # fmt: skip
+        from tokenmill.spec.layerskip import layerskip_proposer
+
+        return layerskip_proposer(
+            self.runner.model, self.kv_spec, spec.skip_layers or (), num_blocks, c.max_num_seqs,
+            spec.num_speculative_tokens, c.torch_device,
+        )  # fmt: skip
 
     # ---- capacity ------------------------------------------------------------------------------
     @property
@@ -291,6 +313,8 @@ class LLMEngine:
             touched[seq.request.request_id] = seq.request
             if drafts:
                 self.spec_stats.record(len(drafts), len(emitted) - 1)
+                if self.adaptive is not None:
+                    self.adaptive.observe(len(drafts), len(emitted) - 1)
             for i, result in enumerate(emitted):
                 self._append_token(seq, result, now)
                 if seq.is_finished:
@@ -371,15 +395,41 @@ class LLMEngine:
         return self._make_output(request)
 
     def _propose_drafts(self) -> None:
-        """Give every decoding sequence up to k draft tokens (prompt lookup), never past its max_tokens or the
-        context: the next step verifies them together with the sequence's next token."""
+        """Give every decoding sequence up to k draft tokens, never past its max_tokens or the context: the
+        next step verifies them together with the sequence's next token. k is fixed, or chosen per step by
+        spec/adaptive.py from the acceptance so far, the batch size and the measured costs (0: no drafts)."""
         spec = self.speculative_config
-        for seq in self.scheduler.running:
-            if seq.num_computed_tokens != seq.num_tokens - 1:  # still in prefill
-                continue
+        running = {s.seq_id for s in self.scheduler.running}
+        for seq_id in self._drafted - running:  # preempted since (finished ones were released by _finish)
+            self.proposer.release(seq_id)
+        self._drafted &= running
+        decoding = [s for s in self.scheduler.running if s.num_computed_tokens == s.num_tokens - 1]
+        k = spec.num_speculative_tokens
+        probe = 0
+        if self.adaptive is not None:
+            k = self.adaptive.choose(len(decoding), self.step_budget.fit())
+            probe = self.adaptive.probe() if k == 0 else 0
+        asks = []
+        for seq in decoding:
             room = min(seq.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
-            k = min(spec.num_speculative_tokens, room)
-            seq.draft_token_ids = self.proposer.propose(seq.token_ids, k) if k > 0 else []
+            seq.draft_token_ids = []
+            want = min(k or probe, room)
+            if want > 0:
+                asks.append(DraftAsk(seq.seq_id, seq.token_ids, want))
+                probe = 0  # a probe is one sequence
+        if not asks:
+            return
+        self._drafted.update(a.seq_id for a in asks)
+        started = time.perf_counter()
+        drafts = self.proposer.propose(asks)
+        seconds = time.perf_counter() - started
+        by_id = {seq.seq_id: seq for seq in decoding}
+        for ask, tokens in zip(asks, drafts, strict=True):
+            by_id[ask.seq_id].draft_token_ids = list(tokens[: ask.k])
+        fit = self.step_budget.fit()
+        if self.adaptive is not None and fit is not None:
+            passes = max(len(t) for t in drafts) or 1
+            self.adaptive.observe_draft_cost(seconds / passes, fit[0] + fit[1] * len(asks))
 
     def _append_token(self, seq: Sequence, result: SampleResult, now: float) -> None:
         params = seq.params
@@ -446,6 +496,8 @@ class LLMEngine:
         self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        if self.proposer is not None:
+            self.proposer.release(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         if seq.request.finished:

@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenmill.bench.evals import add_eval_parsers  # light: the engine loads when a command runs
 
     add_eval_parsers(ev)  # eval ppl | passkey | needle
+    from tokenmill.bench.layerskip_search import add_layerskip_parser
+
+    add_layerskip_parser(ev)  # eval layerskip
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("throughput", help="offline throughput on a fixed synthetic workload")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenmill.spec import DraftAsk
+
 
 def propose_ngram(tokens: list[int], k: int, min_n: int, max_n: int, window: int = 4096) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram
@@ -27,10 +29,14 @@ def propose_ngram(tokens: list[int], k: int, min_n: int, max_n: int, window: int
 
 @dataclass(frozen=True)
 class NgramProposer:
-    """The `ngram` method: prompt lookup over the sequence's own tokens."""
+    """The `ngram` method: prompt lookup over the sequence's own tokens. It holds nothing per sequence."""
 
     min_n: int
     max_n: int
+    prior_cost: float = 0.0
 
-    def propose(self, token_ids: list[int], k: int) -> list[int]:
-        return propose_ngram(token_ids, k, self.min_n, self.max_n)
+    def propose(self, asks: list[DraftAsk]) -> list[list[int]]:
+        return [propose_ngram(a.token_ids, a.k, self.min_n, self.max_n) for a in asks]
+
+    def release(self, seq_id: int) -> None:
+        pass
