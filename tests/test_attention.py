@@ -170,19 +170,29 @@ def test_int8_quantization_error_is_within_half_a_step():
     assert zeros_codes.abs().sum() == 0 and zeros_scale.abs().sum() == 0
 
 
+def _int8(x):
+    return quantize_int8(x), dequantize_int8
+
+
+def _int4(x):
+    return quantize_int4(x, int4_groups(x.shape[-1])), dequantize_int4
+
+
+@pytest.mark.parametrize("fmt", [_int8, _int4], ids=["int8", "int4"])
 @pytest.mark.parametrize("kernel", [True, False])
-def test_int8_paged_attention_reads_packed_blocks(rows_case, kernel):
-    """The packed int8 kernel equals plain attention over the dequantized cache."""
+def test_quantized_paged_attention_reads_packed_blocks(rows_case, kernel, fmt):
+    """The packed kernel equals plain attention over the dequantized cache."""
     q, k_cache, v_cache, tables, seq_lens, qsl, group = rows_case
-    (kc, ks), (vc, vs) = quantize_int8(k_cache), quantize_int8(v_cache)
+    (kc, ks), dequantize = fmt(k_cache)
+    (vc, vs), _ = fmt(v_cache)
     h, d = q.shape[1], q.shape[2]
     attn = PagedAttention(h, h // group, d, kernel=load_cpu_kernels().paged_attention if kernel else None)
     out, lse = attn.paged(q, LayerKV(kc, vc, ks, vs), tables, seq_lens, qsl, return_lse=True)
     ref_out, ref_lse = reference_rows(
-        q, dequantize_int8(kc, ks), dequantize_int8(vc, vs), tables, seq_lens, qsl, group, d**-0.5
+        q, dequantize(kc, ks), dequantize(vc, vs), tables, seq_lens, qsl, group, d**-0.5
     )
-    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
 
 
 def test_int8_quantize_on_write_matches_the_torch_quantizer():
@@ -218,22 +228,6 @@ def test_int4_quantization_error_is_within_half_a_step():
     step = sm[..., 0].float().unsqueeze(-1)
     assert bool((err <= step / 2 + 2e-3 * x.abs().max()).all())  # + the fp16 rounding of min
     assert int4_groups(16) == 2 and int4_groups(128) == 4
-
-
-@pytest.mark.parametrize("kernel", [True, False])
-def test_int4_paged_attention_reads_packed_blocks(rows_case, kernel):
-    """The packed int4 kernel equals plain attention over the dequantized cache."""
-    q, k_cache, v_cache, tables, seq_lens, qsl, group = rows_case
-    groups = int4_groups(k_cache.shape[-1])
-    (kc, ks), (vc, vs) = quantize_int4(k_cache, groups), quantize_int4(v_cache, groups)
-    h, d = q.shape[1], q.shape[2]
-    attn = PagedAttention(h, h // group, d, kernel=load_cpu_kernels().paged_attention if kernel else None)
-    out, lse = attn.paged(q, LayerKV(kc, vc, ks, vs), tables, seq_lens, qsl, return_lse=True)
-    ref_out, ref_lse = reference_rows(
-        q, dequantize_int4(kc, ks), dequantize_int4(vc, vs), tables, seq_lens, qsl, group, d**-0.5
-    )
-    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
 
 
 def test_int4_quantize_on_write_matches_the_torch_quantizer():

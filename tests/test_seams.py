@@ -138,18 +138,21 @@ def test_kv_cache_sizes_itself_in_bytes():
     torch.testing.assert_close(cache.layer(1).k[0, :, 2], k[2])
 
 
-def test_int8_kv_admits_more_tokens_and_stays_close(tiny_model_dir):
-    """int8 blocks in the same bytes: ~3.8x the blocks (64-dim heads); prefix-cache keys differ by format;
-    logits over a prompt and decode rows stay close to the fp32 cache's."""
+@pytest.mark.parametrize(
+    "dtype, bytes_per_head, max_rel", [("int8", lambda d: d + 4, 0.05), ("int4", lambda d: d / 2 + 8, 0.25)]
+)
+def test_quantized_kv_admits_more_tokens_and_stays_close(tiny_model_dir, dtype, bytes_per_head, max_rel):
+    """Quantized blocks in the same bytes: 4 d / (bytes per head) times the blocks; prefix-cache keys differ by
+    format; logits over a prompt and decode rows stay close to the fp32 cache's."""
     full = LLM(str(tiny_model_dir), kv_cache_memory="8MiB", kernels="cpp")
-    int8 = LLM(str(tiny_model_dir), kv_cache_memory="8MiB", kernels="cpp", kv_cache_dtype="int8")
-    ratio = int8.engine.block_manager.num_blocks / full.engine.block_manager.num_blocks
-    head_dim = full.engine.model_config.head_dim
-    assert ratio == pytest.approx(4 * head_dim / (head_dim + 4), rel=0.01)
-    assert int8.engine.block_manager.root_hash != full.engine.block_manager.root_hash
+    quant = LLM(str(tiny_model_dir), kv_cache_memory="8MiB", kernels="cpp", kv_cache_dtype=dtype)
+    ratio = quant.engine.block_manager.num_blocks / full.engine.block_manager.num_blocks
+    head_dim = full.engine.model_config.head_dim  # 16: int4 has two groups of 8, 4 bytes each
+    assert ratio == pytest.approx(4 * head_dim / bytes_per_head(head_dim), rel=0.01)
+    assert quant.engine.block_manager.root_hash != full.engine.block_manager.root_hash
     ids = [(5 * i) % 700 + 3 for i in range(40)]
     logits = []
-    for llm in (full, int8):
+    for llm in (full, quant):
         seq = _runner_sequence([0, 1, 2], ids[:30])
         llm.engine.runner.execute(ScheduledBatch([ScheduledSeq(seq, 30)]))
         seq.num_computed_tokens, seq.token_ids = 30, list(ids)
@@ -157,28 +160,9 @@ def test_int8_kv_admits_more_tokens_and_stays_close(tiny_model_dir):
             llm.engine.runner.execute(ScheduledBatch([ScheduledSeq(seq, 10, extra_logits=9)])).logits
         )
     rel = (logits[0] - logits[1]).norm() / logits[0].norm()
-    assert 0 < rel < 0.05
-    out = int8.generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert 0 < rel < max_rel
+    out = quant.generate(PROMPTS, PARAMS, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 24 for o in out)
-
-
-def test_int4_kv_admits_more_tokens_and_stays_close(tiny_model_dir):
-    full = LLM(str(tiny_model_dir), kv_cache_memory="8MiB", kernels="cpp")
-    int4 = LLM(str(tiny_model_dir), kv_cache_memory="8MiB", kernels="cpp", kv_cache_dtype="int4")
-    ratio = int4.engine.block_manager.num_blocks / full.engine.block_manager.num_blocks
-    d = full.engine.model_config.head_dim
-    assert ratio == pytest.approx(4 * d / (d / 2 + 4 * int4.engine.kv_spec.int4_groups), rel=0.01)
-    ids = [(5 * i) % 700 + 3 for i in range(40)]
-    logits = []
-    for llm in (full, int4):
-        seq = _runner_sequence([0, 1, 2], ids[:30])
-        llm.engine.runner.execute(ScheduledBatch([ScheduledSeq(seq, 30)]))
-        seq.num_computed_tokens, seq.token_ids = 30, list(ids)
-        logits.append(
-            llm.engine.runner.execute(ScheduledBatch([ScheduledSeq(seq, 10, extra_logits=9)])).logits
-        )
-    rel = (logits[0] - logits[1]).norm() / logits[0].norm()
-    assert 0 < rel < 0.25
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])

@@ -13,6 +13,7 @@ import torch
 
 from tokenmill import LLM, AdmissionError, SamplingParams
 from tokenmill.layers.sampler import Sampler, SamplingRow, allowed_tokens
+from tokenmill.spec import DraftAsk
 from tokenmill.structured import StructuredOutputs
 
 SCHEMA = {
@@ -95,7 +96,15 @@ class WrongDrafts:
         self.bad = bad_token
         self.calls = 0
 
-    def propose(self, token_ids: list[int], k: int) -> list[int]:
+    prior_cost = 0.0
+
+    def propose(self, asks: list[DraftAsk]) -> list[list[int]]:
+        return [self._one(a.token_ids, a.k) for a in asks]
+
+    def release(self, seq_id: int) -> None:
+        pass
+
+    def _one(self, token_ids: list[int], k: int) -> list[int]:
         self.calls += 1
         for full in self.full:
             if full[: len(token_ids)] == token_ids:
