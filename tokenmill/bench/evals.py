@@ -61,7 +61,7 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _retrieval_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+def _retrieval_options(p: argparse.ArgumentParser, max_new_tokens: str) -> None:
     g = p.add_argument_group("grid")
     g.add_argument(
         "--lengths",
@@ -79,7 +79,7 @@ def _retrieval_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     g.add_argument(
         "--max-new-tokens",
         type=int,
-        default=max_new_tokens,
+        default=None,
         help=f"greedy tokens generated per prompt (default: {max_new_tokens})",
     )
 
@@ -178,7 +178,7 @@ def add_eval_parsers(ev: argparse._SubParsersAction) -> None:
         description="A random 5-digit pass key hidden at each depth of repeated filler text of each length; "
         "greedy answer; correct if the key's digits appear in it. Prints accuracy by length x depth.",
     )
-    _retrieval_options(p, max_new_tokens=8)
+    _retrieval_options(p, max_new_tokens="8, or 16 with --chat: the model then answers in its own words")
     _common_options(p)
     p.set_defaults(func=cmd_passkey)
 
@@ -189,6 +189,6 @@ def add_eval_parsers(ev: argparse._SubParsersAction) -> None:
         "(CPython's pydoc topics) of each length; greedy answer scored by keywords (Dolores Park, "
         "sandwich). Prints accuracy by length x depth.",
     )
-    _retrieval_options(p, max_new_tokens=24)
+    _retrieval_options(p, max_new_tokens="24")
     _common_options(p)
     p.set_defaults(func=cmd_needle)
