@@ -83,7 +83,7 @@ def select_keep(
     if policy.kind == "streaming":
         priority = positions.float()  # newest first
     elif policy.kind == "h2o":
-        priority = scores.clone()
+        priority = scores
         forced |= positions > newest_position - policy.recent
     elif policy.kind == "snapkv":
         priority = _pool(scores, positions, policy.kernel)

@@ -243,7 +243,7 @@ class PagedAttention:
         return self._paged_torch(q, kv, block_tables, seq_lens, query_start_loc, scores, score_from)
 
     def _paged_torch(
-        self, q, kv: LayerKV, block_tables, seq_lens, query_start_loc, scores=None, score_from=None
+        self, q, kv: LayerKV, block_tables, seq_lens, query_start_loc, score_sink=None, score_from=None
     ):
         """Batched reference: pad every row to the longest query count and context, mask what a query may
         not see, and compute softmax attention explicitly (the log-sum-exp comes with it)."""
@@ -262,7 +262,6 @@ class PagedAttention:
         t = torch.arange(keys.shape[2], device=q.device)
         mask = t.view(1, 1, -1) < visible_to.unsqueeze(-1)  # [B, max_q, L]
         mask = mask.repeat_interleave(g, dim=1).unsqueeze(1)  # [B, 1, max_q * g, L]
-        score_sink = scores
         scores = (queries.float() @ keys.float().transpose(-1, -2)) * self.scale
         scores = scores.masked_fill(~mask, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, max_q * g]
