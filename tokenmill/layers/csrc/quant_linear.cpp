@@ -284,6 +284,50 @@ inline void dot_wide_q8_512(const QuantizedActivations& a, int64_t K, const uint
   }
   for (int w = 0; w < W; ++w) y[w] = _mm512_reduce_add_ps(acc[w]);
 }
+
+// Several activation rows (batched decode, speculative verification, short chunks) with 512-bit vectors:
+// each weight block is decoded once to fp32 (exactly as `dequantize` does) and multiplied into up to
+// kTileRows512 rows with FMAs whose activation operand comes straight from memory. The math is plain fp32
+// (no activation rounding), so it equals a matmul with the dequantized weight up to summation order. On
+// Sapphire Rapids this runs at ~4x the int16 path per row: that path spends 8 instructions on 32
+// multiply-adds of one row, this one two FMAs plus a ninth of a block decode.
+constexpr int64_t kTileRows512 = 8;
+
+template <bool Q4>
+inline void decode_block_512(const uint8_t* codes, int64_t b, const uint16_t* scales, const uint16_t* mins,
+                             __m512& w0, __m512& w1) {
+  const __m512 vs = _mm512_set1_ps(half_to_float(scales[b]));
+  if constexpr (Q4) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * 16));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m512 vm = _mm512_set1_ps(half_to_float(mins[b]));
+    w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, mask))), vs, vm);
+    w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), mask))), vs, vm);
+  } else {
+    const int8_t* q = reinterpret_cast<const int8_t*>(codes) + b * kBlock;
+    w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))), vs);
+    w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)))), vs);
+  }
+}
+
+// y[r, n] = x[r] . w[n] for R rows; two accumulators per row keep 2R independent FMA chains.
+template <bool Q4, int R>
+inline void dot_rows_f32_512(const float* x, int64_t ldx, int64_t K, const uint8_t* codes, const uint16_t* scales,
+                             const uint16_t* mins, float* y, int64_t ldy) {
+  const int64_t nb = K / kBlock;
+  __m512 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 w0, w1;
+    decode_block_512<Q4>(codes, b, scales, mins, w0, w1);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + b * kBlock;
+      acc0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+}
 #endif  // TM_AVX512
 #endif  // TM_AVX2
 
@@ -291,7 +335,10 @@ template <bool Q4>
 void gemv_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
                const uint16_t* mins, int64_t N, float* y) {
   const int64_t row_bytes = Q4 ? K / 2 : K, nb = K / kBlock;
-#ifdef TM_AVX2
+#if defined(TM_AVX512)
+  // rows > 1 run the fp32 path, which reads x directly
+  const QuantizedActivations a = quantize_activations(x, M == 1 ? 1 : 0, K);
+#elif defined(TM_AVX2)
   const QuantizedActivations a = quantize_activations(x, M, K);
 #endif
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
@@ -307,6 +354,29 @@ void gemv_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const
 #endif
         dot_wide_i16<Q4, kWideRows>(a, K, codes + n * row_bytes, row_bytes, scales + n * nb,
                                     Q4 ? mins + n * nb : nullptr, y + n);
+      }
+    }
+#endif
+#ifdef TM_AVX512
+    if (M > 1) {
+      for (; n < n1; ++n) {
+        const uint8_t* c = codes + n * row_bytes;
+        const uint16_t* s = scales + n * nb;
+        const uint16_t* m = Q4 ? mins + n * nb : nullptr;
+        for (int64_t r = 0; r < M; r += kTileRows512) {
+#define TM_DOT(RR) dot_rows_f32_512<Q4, RR>(x + r * K, K, K, c, s, m, y + r * N + n, N)
+          switch (std::min<int64_t>(kTileRows512, M - r)) {
+            case 8: TM_DOT(8); break;
+            case 7: TM_DOT(7); break;
+            case 6: TM_DOT(6); break;
+            case 5: TM_DOT(5); break;
+            case 4: TM_DOT(4); break;
+            case 3: TM_DOT(3); break;
+            case 2: TM_DOT(2); break;
+            default: TM_DOT(1); break;
+          }
+#undef TM_DOT
+        }
       }
     }
 #endif
