@@ -7,6 +7,7 @@ through copies of the weight totalling more than the L3 cache (as a decode step 
 reuses one copy (kernel compute alone).
 
     python benchmarks/isa_quant.py --levels avx2,avx512 --threads 1
+    python benchmarks/isa_quant.py --levels avx512,avx512+f32 --rows 2,4,8,16,23 --threads 2
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -34,10 +37,25 @@ SHAPES = [  # name, N (out), K (in), format
 ]
 
 
-def call(kernels, w, x):
+@dataclass
+class Variant:
+    """A kernel level and its multi-row path ("avx512+f32": AVX-512's fp32 rows; else int16)."""
+
+    kernels: ModuleType
+    fp32_rows: bool
+
+
+def variant(label: str) -> Variant:
+    level, _, path = label.partition("+")
+    return Variant(load_cpu_kernels(level), path == "f32")
+
+
+def call(v: Variant, w, x):
+    """Always below the GEMM threshold: the GEMV paths."""
+    k, rows = v.kernels, GEMM_MIN_ROWS
     if w.format == "q4":
-        return kernels.q4_linear(x, w.codes, w.scales, w.mins, GEMM_MIN_ROWS, GEMM_TILE_BYTES)
-    return kernels.q8_linear(x, w.codes, w.scales, GEMM_MIN_ROWS, GEMM_TILE_BYTES)
+        return k.q4_linear(x, w.codes, w.scales, w.mins, rows, GEMM_TILE_BYTES, v.fp32_rows)
+    return k.q8_linear(x, w.codes, w.scales, rows, GEMM_TILE_BYTES, v.fp32_rows)
 
 
 def time_rounds(
@@ -101,7 +119,11 @@ def format_row(row: dict, labels: list[str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--levels", default="avx2,avx512", help="ISA levels to compare (default: avx2,avx512)")
+    ap.add_argument(
+        "--levels",
+        default="avx2,avx512",
+        help="ISA levels to compare; LEVEL+f32 takes AVX-512's fp32 multi-row path (default: avx2,avx512)",
+    )
     ap.add_argument("--rows", default="1,4,8", help="activation rows (default: 1,4,8)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     ap.add_argument("--repeats", type=int, default=41, help="timed rounds per case (default: 41)")
@@ -109,7 +131,7 @@ def main() -> None:
     ap.add_argument("--cold-mib", type=int, default=96, help="bytes of weight copies for cold (default: 96)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    modules = {level: load_cpu_kernels(level) for level in args.levels.split(",")}
+    modules = {label: variant(label) for label in args.levels.split(",")}
     labels = list(modules)
     print(f"CPU: {cpu_model()}; torch {torch.__version__}; threads {args.threads}")
     print(format_header(labels))

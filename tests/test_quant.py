@@ -18,7 +18,7 @@ from tests.conftest import random_llama_weights
 from tests.test_models import SMALL_CONFIG, k_quant_bytes, small_tokenizer_fields, write_gguf
 from tokenmill import LLM, SamplingParams
 from tokenmill.layers.cpu_kernels import load_cpu_kernels
-from tokenmill.layers.linear import GEMM_MIN_ROWS, QuantLinear
+from tokenmill.layers.linear import GEMM_MIN_ROWS, QuantKernelPlan, QuantLinear, plan_for
 from tokenmill.layers.quantization import PackedWeight, convert, dequantize, quantize
 from tokenmill.models import weight_cache
 from tokenmill.models.gguf import pack_gguf
@@ -84,12 +84,13 @@ def test_convert_between_formats():
 # ---- kernels vs a plain matmul ---------------------------------------------------------------------------
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, GEMM_MIN_ROWS - 1, GEMM_MIN_ROWS, 70])
-def test_kernel_matches_matmul(fmt, rows):
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 23, GEMM_MIN_ROWS - 1, GEMM_MIN_ROWS, 70])
+@pytest.mark.parametrize("plan", [QuantKernelPlan(), QuantKernelPlan(gemm_min_rows=24, fp32_rows=True)])
+def test_kernel_matches_matmul(fmt, rows, plan):
     w = random_packed(fmt, 200, 96, seed=rows)
     x = torch.randn(rows, 96)
     ref = x @ dequantize(w).T
-    out = QuantLinear(w, None, KERNELS)(x)
+    out = QuantLinear(w, None, KERNELS, plan)(x)
     assert out.shape == (rows, 200)
     # below GEMM_MIN_ROWS activations are rounded to int16 per block of 32 (a relative step of 3e-5)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
@@ -109,9 +110,15 @@ def test_kernel_dequantize_and_rows_match_torch(fmt):
 def test_kernel_rejects_bad_inputs():
     w = random_packed("q4", 8, 64)
     with pytest.raises(RuntimeError, match="64 features"):
-        KERNELS.q4_linear(torch.randn(1, 32), w.codes, w.scales, w.mins, 32, 1 << 20)
+        KERNELS.q4_linear(torch.randn(1, 32), w.codes, w.scales, w.mins, 32, 1 << 20, False)
     with pytest.raises(RuntimeError, match="uint8"):
-        KERNELS.q4_linear(torch.randn(1, 64), w.codes.view(torch.int8), w.scales, w.mins, 32, 1 << 20)
+        KERNELS.q4_linear(torch.randn(1, 64), w.codes.view(torch.int8), w.scales, w.mins, 32, 1 << 20, False)
+
+
+def test_kernel_plan_per_cpu():
+    assert plan_for("avx512", "GenuineIntel") == QuantKernelPlan(gemm_min_rows=24, fp32_rows=True)
+    for isa, vendor in [("avx512", "AuthenticAMD"), ("avx2", "GenuineIntel"), ("portable", "unknown")]:
+        assert plan_for(isa, vendor) == QuantKernelPlan()
 
 
 def test_torch_fallback_without_kernels():

@@ -29,7 +29,7 @@ ISA_LEVELS = ("portable", "avx2", "avx512")  # lowest first
 BUILD_NAME_PREFIX = "tokenmill_cpu_kernels"
 # compiler flags of each level, and the /proc/cpuinfo flags a CPU needs to run it
 _AVX2_CFLAGS = ("-mavx2", "-mfma", "-mf16c")
-_AVX512_CFLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16")
+_AVX512_CFLAGS = ("-mprefer-vector-width=256", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16")
 _ISA_CFLAGS = {"portable": (), "avx2": _AVX2_CFLAGS, "avx512": _AVX2_CFLAGS + _AVX512_CFLAGS}
 _AVX2_CPU = ("avx2", "fma", "f16c")
 _AVX512_CPU = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16")
@@ -49,9 +49,9 @@ def build_name(isa: str) -> str:
 
 
 @functools.cache
-def _cpuinfo() -> tuple[str, frozenset[str] | None]:
-    """(model name, flags) of the first CPU in /proc/cpuinfo; flags None where it cannot be read."""
-    model, flags = platform.processor() or platform.machine(), None
+def _cpuinfo() -> tuple[str, frozenset[str] | None, str]:
+    """(model name, flags, vendor) of the first CPU in /proc/cpuinfo; flags None where it cannot be read."""
+    model, flags, vendor = platform.processor() or platform.machine(), None, "unknown"
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -59,17 +59,24 @@ def _cpuinfo() -> tuple[str, frozenset[str] | None]:
                 key = key.strip()
                 if key == "model name":
                     model = value.strip()
+                elif key == "vendor_id":
+                    vendor = value.strip()
                 elif key == "flags":
                     flags = frozenset(value.split())
                 if key == "" and flags is not None:  # end of the first CPU's entry
                     break
     except OSError:
         pass
-    return model, flags
+    return model, flags, vendor
 
 
 def cpu_model() -> str:
     return _cpuinfo()[0]
+
+
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD", ...), "unknown" where it is not there."""
+    return _cpuinfo()[2]
 
 
 def cpu_flags() -> frozenset[str] | None:

@@ -7,9 +7,9 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
                                            torch::Tensor query_start_loc, double scale, bool return_lse,
                                            c10::optional<torch::Tensor> scores, c10::optional<torch::Tensor> score_from);
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
-                        int64_t gemm_min_rows, int64_t tile_bytes);
+                        int64_t gemm_min_rows, int64_t tile_bytes, bool fp32_rows);
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t gemm_min_rows,
-                        int64_t tile_bytes);
+                        int64_t tile_bytes, bool fp32_rows);
 torch::Tensor q4_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor mins);
 torch::Tensor q8_dequantize(torch::Tensor codes, torch::Tensor scales);
 std::string cpu_isa();

@@ -291,7 +291,7 @@ inline void dot_wide_q8_512(const QuantizedActivations& a, int64_t K, const uint
 // (no activation rounding), so it equals a matmul with the dequantized weight up to summation order. On
 // Sapphire Rapids this runs at ~4x the int16 path per row: that path spends 8 instructions on 32
 // multiply-adds of one row, this one two FMAs plus a ninth of a block decode.
-constexpr int64_t kTileRows512 = 8;
+constexpr int64_t kTileRows512 = 16;
 
 template <bool Q4>
 inline void decode_block_512(const uint8_t* codes, int64_t b, const uint16_t* scales, const uint16_t* mins,
@@ -310,34 +310,39 @@ inline void decode_block_512(const uint8_t* codes, int64_t b, const uint16_t* sc
   }
 }
 
-// y[r, n] = x[r] . w[n] for R rows; two accumulators per row keep 2R independent FMA chains.
+// y[r, n] = x[r] . w[n] for R rows. Up to 8 rows keep two accumulators per row (2R independent FMA chains
+// cover the FMA latency); more rows have chains enough with one, and need the registers.
 template <bool Q4, int R>
 inline void dot_rows_f32_512(const float* x, int64_t ldx, int64_t K, const uint8_t* codes, const uint16_t* scales,
                              const uint16_t* mins, float* y, int64_t ldy) {
+  constexpr int A = R > 8 ? 1 : 2;
   const int64_t nb = K / kBlock;
-  __m512 acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  __m512 acc[A][R];
+  for (int a = 0; a < A; ++a)
+    for (int r = 0; r < R; ++r) acc[a][r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m512 w0, w1;
     decode_block_512<Q4>(codes, b, scales, mins, w0, w1);
     for (int r = 0; r < R; ++r) {
       const float* xr = x + r * ldx + b * kBlock;
-      acc0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc0[r]);
-      acc1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc1[r]);
+      acc[0][r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[0][r]);
+      acc[A - 1][r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[A - 1][r]);
     }
   }
-  for (int r = 0; r < R; ++r) y[r * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+  for (int r = 0; r < R; ++r)
+    y[r * ldy] = _mm512_reduce_add_ps(A == 2 ? _mm512_add_ps(acc[0][r], acc[A - 1][r]) : acc[0][r]);
 }
 #endif  // TM_AVX512
 #endif  // TM_AVX2
 
+// fp32_rows: 2+ rows take the fp32 FMA path (AVX-512 builds; elsewhere the flag is ignored), else int16.
 template <bool Q4>
 void gemv_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
-               const uint16_t* mins, int64_t N, float* y) {
+               const uint16_t* mins, int64_t N, float* y, bool fp32_rows) {
   const int64_t row_bytes = Q4 ? K / 2 : K, nb = K / kBlock;
 #if defined(TM_AVX512)
-  // rows > 1 run the fp32 path, which reads x directly
-  const QuantizedActivations a = quantize_activations(x, M == 1 ? 1 : 0, K);
+  // the fp32 path reads x directly
+  const QuantizedActivations a = quantize_activations(x, fp32_rows && M > 1 ? 0 : M, K);
 #elif defined(TM_AVX2)
   const QuantizedActivations a = quantize_activations(x, M, K);
 #endif
@@ -358,7 +363,7 @@ void gemv_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const
     }
 #endif
 #ifdef TM_AVX512
-    if (M > 1) {
+    if (fp32_rows && M > 1) {
       for (; n < n1; ++n) {
         const uint8_t* c = codes + n * row_bytes;
         const uint16_t* s = scales + n * nb;
@@ -366,6 +371,14 @@ void gemv_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const
         for (int64_t r = 0; r < M; r += kTileRows512) {
 #define TM_DOT(RR) dot_rows_f32_512<Q4, RR>(x + r * K, K, K, c, s, m, y + r * N + n, N)
           switch (std::min<int64_t>(kTileRows512, M - r)) {
+            case 16: TM_DOT(16); break;
+            case 15: TM_DOT(15); break;
+            case 14: TM_DOT(14); break;
+            case 13: TM_DOT(13); break;
+            case 12: TM_DOT(12); break;
+            case 11: TM_DOT(11); break;
+            case 10: TM_DOT(10); break;
+            case 9: TM_DOT(9); break;
             case 8: TM_DOT(8); break;
             case 7: TM_DOT(7); break;
             case 6: TM_DOT(6); break;
@@ -413,6 +426,13 @@ void decode_rows(const uint8_t* codes, const uint16_t* scales, const uint16_t* m
     for (int64_t n = a; n < e; ++n) {
       float* o = out + (n - n0) * K;
       for (int64_t b = 0; b < nb; ++b) {
+#ifdef TM_AVX512
+        __m512 w0, w1;
+        decode_block_512<Q4>(codes + n * row_bytes, b, scales + n * nb, Q4 ? mins + n * nb : nullptr, w0, w1);
+        _mm512_storeu_ps(o + b * kBlock, w0);
+        _mm512_storeu_ps(o + b * kBlock + 16, w1);
+        continue;
+#endif
         const float s = half_to_float(scales[n * nb + b]);
 #ifdef TM_AVX2
         __m256 w[4];
@@ -449,7 +469,7 @@ void check_weight(const torch::Tensor& codes, const torch::Tensor& scales, const
 
 template <bool Q4>
 torch::Tensor quant_linear(torch::Tensor x, const torch::Tensor& codes, const torch::Tensor& scales,
-                           const torch::Tensor& mins, int64_t gemm_min_rows, int64_t tile_bytes) {
+                           const torch::Tensor& mins, int64_t gemm_min_rows, int64_t tile_bytes, bool fp32_rows) {
   check_weight(codes, scales, Q4 ? &mins : nullptr, Q4);
   const int64_t N = codes.size(0), K = Q4 ? codes.size(1) * 2 : codes.size(1);
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == K, "x must be fp32 with ", K, " features");
@@ -462,7 +482,7 @@ torch::Tensor quant_linear(torch::Tensor x, const torch::Tensor& codes, const to
   const auto* m = Q4 ? reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()) : nullptr;
   if (M < gemm_min_rows) {
     auto y = torch::empty({M, N}, x.options());
-    gemv_rows<Q4>(x.data_ptr<float>(), M, K, c, s, m, N, y.data_ptr<float>());
+    gemv_rows<Q4>(x.data_ptr<float>(), M, K, c, s, m, N, y.data_ptr<float>(), fp32_rows);
     return y.view(shape);
   }
   // GEMM path: compute y^T one weight tile at a time, so the decoded tile stays in cache.
@@ -481,13 +501,13 @@ torch::Tensor quant_linear(torch::Tensor x, const torch::Tensor& codes, const to
 }  // namespace
 
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
-                        int64_t gemm_min_rows, int64_t tile_bytes) {
-  return quant_linear<true>(x, codes, scales, mins, gemm_min_rows, tile_bytes);
+                        int64_t gemm_min_rows, int64_t tile_bytes, bool fp32_rows) {
+  return quant_linear<true>(x, codes, scales, mins, gemm_min_rows, tile_bytes, fp32_rows);
 }
 
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t gemm_min_rows,
-                        int64_t tile_bytes) {
-  return quant_linear<false>(x, codes, scales, scales, gemm_min_rows, tile_bytes);
+                        int64_t tile_bytes, bool fp32_rows) {
+  return quant_linear<false>(x, codes, scales, scales, gemm_min_rows, tile_bytes, fp32_rows);
 }
 
 // Dequantize every row of a weight (or of a row gather of one, e.g. embedding lookups) to fp32 [N, K].
