@@ -287,7 +287,8 @@ def test_engine_args_from_the_command_line(monkeypatch):
         kv_cache_memory="64MiB",
         max_model_len=128,
         enable_prefix_caching=False,
-        slo_tpot=0.2,  # serve keeps a TPOT target by default
+        slo_tpot=0.2,  # serve keeps a TPOT and a TTFT target by default
+        slo_ttft=2.0,
     )
     config = engine_args.to_engine_config()
     assert config.weights is WeightFormat.Q4 and config.kv_cache_memory == 64 * 2**20

@@ -52,3 +52,39 @@ def test_bad_slo_is_a_clear_error():
 
     with pytest.raises(ValueError, match="slo_tpot"):
         EngineConfig(slo_tpot=0)
+
+
+def test_ttft_target_raises_the_budget_only_for_savable_prompts():
+    b = StepBudget(max_tokens=2048, slo_tpot_s=0.2, slo_ttft_s=2.0, headroom=1.0)
+    feed(b, fixed=0.02, per_token=0.001)
+    tpot = b.budget(num_decodes=8)
+    assert tpot == pytest.approx(180, abs=1)
+    # 1,000 prompt tokens due in 1.5 s: B >= (1000 * 0.02 + 1.5 * 8) / (1.5 - 1000 * 0.001) = 64: the TPOT
+    # budget already does it
+    assert b.budget(8, [(1.5, 1000)]) == tpot
+    # 1,400 tokens due in 1.5 s: B >= (28 + 12) / (1.5 - 1.4) = 400; the step grows past the TPOT budget
+    raised = b.budget(8, [(1.5, 1400)])
+    assert raised == 400
+    steps = 1400 / (raised - 8)
+    assert steps * (0.02 + 0.001 * raised) <= 1.5 + 1e-9  # and that budget does meet the deadline
+    # a prompt no budget can save (1,600 tokens cost 1.6 s of per-token time alone) leaves the TPOT budget,
+    # and so does a deadline already missed; a savable prompt behind them still counts everything before it
+    assert b.budget(8, [(1.5, 1600)]) == tpot
+    assert b.budget(8, [(-0.5, 10)]) == tpot
+    assert b.budget(8, [(-0.5, 10), (1.5, 1390)]) == 400
+    # the maximum is never exceeded, and without a TTFT target pending prompts change nothing
+    assert b.budget(8, [(0.9, 880)]) <= 2048
+    no_ttft = StepBudget(2048, 0.2, None, headroom=1.0)
+    feed(no_ttft, fixed=0.02, per_token=0.001)
+    assert no_ttft.budget(8, [(1.5, 1400)]) == tpot
+
+
+def test_engine_with_ttft_target_finishes_everything(tiny_model_dir):
+    llm = LLM(
+        str(tiny_model_dir), kv_cache_memory="32MiB", slo_tpot=1e-4, slo_ttft=0.5, max_num_batched_tokens=512
+    )
+    prompts = [{"prompt_token_ids": list(range(10, 10 + n))} for n in (100, 150, 200, 300)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [8, 8, 8, 8]
+    with pytest.raises(ValueError, match="slo_ttft"):
+        LLM(str(tiny_model_dir), slo_ttft=-1)

@@ -110,6 +110,7 @@ class EngineConfig:
     # The instruction set the C++ kernels are built for; auto: the best this CPU has.
     cpu_isa: str = field(default_factory=default_cpu_isa)
     slo_tpot: float | None = None  # seconds per output token to keep steps within (engine/step_budget.py)
+    slo_ttft: float | None = None  # seconds to first token that may raise a step's budget (step_budget.py)
     kv_cache_dtype: str = (
         "auto"  # auto (the activations' dtype) | int8 | int4: how K/V are stored (kv/cache.py)
     )
@@ -140,8 +141,10 @@ class EngineConfig:
             raise ValueError(
                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
             )
-        if self.slo_tpot is not None and not (isinstance(self.slo_tpot, (int, float)) and self.slo_tpot > 0):
-            raise ValueError(f"slo_tpot must be a positive number of seconds, got {self.slo_tpot!r}")
+        for name in ("slo_tpot", "slo_ttft"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         self.weights = WeightFormat.parse(self.weights)
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")

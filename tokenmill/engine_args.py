@@ -36,6 +36,7 @@ class EngineArgs:
     kernels: str = EngineConfig.kernels
     cpu_isa: str = field(default_factory=default_cpu_isa)
     slo_tpot: float | None = EngineConfig.slo_tpot
+    slo_ttft: float | None = EngineConfig.slo_ttft
     kv_cache_dtype: str = EngineConfig.kv_cache_dtype
     kv_policy: str = "full"
     speculative_config: str | None = None
@@ -46,10 +47,12 @@ class EngineArgs:
         parser: argparse.ArgumentParser,
         positional_model: bool = False,
         slo_tpot: float | None = None,
+        slo_ttft: float | None = None,
     ) -> argparse.ArgumentParser:
         """Add the engine options (an "engine" group) to `parser`; `positional_model`: MODEL is a positional
         argument (`tokenmill serve MODEL`) instead of --model/-m. `slo_tpot`: the default TPOT target (the
-        server keeps one, so its steps stay inside it; offline runs default to none: throughput first)."""
+        server keeps one, so its steps stay inside it; offline runs default to none: throughput first); `slo_ttft`
+        likewise for the TTFT target."""
         d = cls()
         g = parser.add_argument_group("engine")
         if positional_model:
@@ -147,6 +150,14 @@ class EngineArgs:
             help="target seconds per output token: each step carries at most as many tokens as its measured "
             "cost per token keeps inside it (Sarathi-Serve), never more than --max-num-batched-tokens "
             f"(default: {slo_tpot if slo_tpot is not None else 'none: always --max-num-batched-tokens'})",
+        )
+        g.add_argument(
+            "--slo-ttft",
+            type=float,
+            default=slo_ttft,
+            help="target seconds to first token: with --slo-tpot, a step carries more prompt tokens than the "
+            "TPOT target allows when that lets waiting prompts still meet this deadline "
+            f"(default: {slo_ttft if slo_ttft is not None else 'none'})",
         )
         return parser
 

@@ -41,6 +41,8 @@ from tokenmill.spec.stats import SpecStats
 from tokenmill.structured.grammar import StructuredBackend
 
 logger = logging.getLogger(__name__)
+# the TTFT target looks at this many prompts without a first token, oldest first (a step's worth and more)
+MAX_PENDING_FOR_TTFT = 64
 
 PromptInput = str | list[int] | dict[str, Any]
 
@@ -83,7 +85,7 @@ class LLMEngine:
             num_blocks, config.block_size, config.enable_prefix_caching, extra_key=spec.format
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
-        self.step_budget = StepBudget(config.max_num_batched_tokens, config.slo_tpot)
+        self.step_budget = StepBudget(config.max_num_batched_tokens, config.slo_tpot, config.slo_ttft)
         # The C++ attention kernel reads only written slots, so its cache may start uninitialized (no
         # multi-GiB memset at start-up); the torch path attends over whole blocks under a mask and needs zeros.
         kv_cache = KVCache(spec, num_blocks, config.torch_device, zero=loaded.model.kernels is None)
@@ -286,7 +288,7 @@ class LLMEngine:
         """Schedule, run one forward pass, and return outputs of the requests that advanced."""
         if self.speculative_config is not None:
             self._propose_drafts()
-        batch = self.scheduler.schedule(self.step_budget.budget(len(self.scheduler.running)))
+        batch = self.scheduler.schedule(self._step_budget())
         if not batch:
             return []
         for scheduled in batch.seqs:
@@ -393,6 +395,22 @@ class LLMEngine:
                 self._finish(seq, "error")
         self.failures[request_id] = reason
         return self._make_output(request)
+
+    def _step_budget(self) -> int:
+        """The next step's token budget: the TPOT target's, raised where a TTFT target needs it (step_budget.py)."""
+        sched, budget = self.scheduler, self.step_budget
+        if budget.slo_ttft_s is None:
+            return budget.budget(len(sched.running))
+        now = time.time()
+        pending = [
+            (
+                seq.request.metrics.arrival_time + budget.slo_ttft_s - now,
+                seq.num_tokens - seq.num_computed_tokens,
+            )
+            for seq in itertools.islice(itertools.chain(sched.running, sched.waiting), MAX_PENDING_FOR_TTFT)
+            if seq.num_output_tokens == 0
+        ]
+        return budget.budget(len(sched.running), pending)
 
     def _propose_drafts(self) -> None:
         """Give every decoding sequence up to k draft tokens, never past its max_tokens or the context: the

@@ -11,6 +11,7 @@ from tokenmill.engine_args import EngineArgs
 from tokenmill.sampling_params import SamplingParams
 
 DEFAULT_SERVE_SLO_TPOT = 0.2  # seconds: the serving benchmark's TPOT SLO, kept by the step budget
+DEFAULT_SERVE_SLO_TTFT = 2.0  # seconds: its TTFT SLO, which may raise a step's budget above the TPOT one
 
 
 # ---- shared options -------------------------------------------------------------------------------------
@@ -194,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the model over an OpenAI-compatible HTTP API with continuous batching. "
         "SIGTERM stops admission, lets in-flight requests finish, and exits 0.",
     )
-    EngineArgs.add_cli_args(p, positional_model=True, slo_tpot=DEFAULT_SERVE_SLO_TPOT)
+    EngineArgs.add_cli_args(
+        p, positional_model=True, slo_tpot=DEFAULT_SERVE_SLO_TPOT, slo_ttft=DEFAULT_SERVE_SLO_TTFT
+    )
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (default: 8000)")

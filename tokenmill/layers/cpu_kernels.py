@@ -29,7 +29,15 @@ ISA_LEVELS = ("portable", "avx2", "avx512")  # lowest first
 BUILD_NAME_PREFIX = "tokenmill_cpu_kernels"
 # compiler flags of each level, and the /proc/cpuinfo flags a CPU needs to run it
 _AVX2_CFLAGS = ("-mavx2", "-mfma", "-mf16c")
-_AVX512_CFLAGS = ("-mprefer-vector-width=256", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16")
+_AVX512_CFLAGS = (
+    "-mprefer-vector-width=256",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512dq",
+    "-mavx512vnni",
+    "-mavx512bf16",
+)
 _ISA_CFLAGS = {"portable": (), "avx2": _AVX2_CFLAGS, "avx512": _AVX2_CFLAGS + _AVX512_CFLAGS}
 _AVX2_CPU = ("avx2", "fma", "f16c")
 _AVX512_CPU = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16")
