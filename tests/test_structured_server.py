@@ -202,6 +202,58 @@ def test_auto_tool_choice_parses_tool_call_blocks():
     assert plain.feed("Hello", False) == ("Hello", [])
 
 
+def stream_pieces(req, pieces):
+    streamer = tool_helpers.ReplyStreamer(req)
+    outs = [streamer.feed(p, i == len(pieces) - 1) for i, p in enumerate(pieces)]
+    return "".join(o[0] for o in outs), [c for o in outs for c in o[1]], outs
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [
+            "Let me ",
+            "check",
+            ".",
+            "\n<",
+            "tool",
+            "_call>\n",
+            '{"name": "get_weather", ',
+            '"arguments": {"city": "Rome"}}',
+            "\n</tool_call>",
+        ],
+        [
+            "Sure.",
+            " <tool_call>",
+            '{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>',
+            " bye",
+        ],
+        [
+            "I think <to",
+            "ols are fun",
+            " and <tool",
+            "box> too.",
+            "\n",
+        ],  # tag prefixes that never become a tag
+        ["<tool_call>{not json}</tool_call>"],
+        ["  ", "Plain", " text ", " ", "end"],
+    ],
+)
+def test_auto_streaming_matches_the_non_streaming_parse(pieces):
+    """Content streams as it comes, calls after leading text arrive at the end, and the deltas add up to
+    what the non-streaming reply holds."""
+    req = ChatCompletionRequest.model_validate({"messages": USER, "tools": [WEATHER]})
+    content, calls = tool_helpers.parse_reply(req, "".join(pieces))
+    streamed, deltas, outs = stream_pieces(req, pieces)
+    assert streamed == (content or "")
+    assert [(d.function.name, d.function.arguments) for d in deltas] == [(c.name, c.arguments) for c in calls]
+    if calls:  # the leading text was sent before the reply ended, not held to the end
+        assert outs[0][0] and not outs[-1][0]
+    else:
+        held = "".join(o[0] for o in outs[:-1])
+        assert "".join(pieces).startswith(held) and len(held) > 0
+
+
 def test_tools_render_in_the_prompt_without_template_support():
     req = ChatCompletionRequest.model_validate({"messages": USER, "tools": [WEATHER]})
     messages = [

@@ -196,32 +196,39 @@ def parse_reply(req: ChatCompletionRequest, text: str) -> tuple[str | None, list
     return content or None, calls
 
 
-def could_become_tool_call(text: str) -> bool:
-    """Auto mode, streaming: hold text back while it may still be the start of a `<tool_call>` block."""
-    stripped = text.lstrip()
-    return TOOL_CALL_OPEN.startswith(stripped) or stripped.startswith(TOOL_CALL_OPEN)
+def held_back(text: str) -> int:
+    """Auto mode, streaming: how many trailing characters of not-yet-sent text to hold, because they may
+    still begin a `<tool_call>` block (a prefix of the tag) or precede one (whitespace, which the
+    non-streaming parse strips from the content before a call)."""
+    for n in range(min(len(text), len(TOOL_CALL_OPEN) - 1), 0, -1):
+        if TOOL_CALL_OPEN.startswith(text[-n:]):
+            break
+    else:
+        n = 0
+    return len(text) - len(text[: len(text) - n].rstrip())
 
 
 class ReplyStreamer:
     """One streamed choice of a request with tools: turns text deltas into content deltas or OpenAI
-    tool-call deltas. Named: the output is the arguments, streamed as they come (the first delta carries the
-    call's id and name). Required: the JSON array is complete only at the end; its calls are sent then, one
-    delta each. Auto: text is held while it may still start a `<tool_call>` block; a reply that starts with
-    text is streamed as content (the non-streaming parse also finds calls after leading text)."""
+    tool-call deltas, so that the concatenated deltas equal the non-streaming reply. Named: the output is the
+    arguments, streamed as they come (the first delta carries the call's id and name). Required: the JSON
+    array is complete only at the end; its calls are sent then, one delta each. Auto: text streams as content
+    except what may still begin a `<tool_call>` block (held_back); from the first `<tool_call>` on, the rest
+    is held, and at the end its calls are sent (or, if no valid call parses, the held text as content)."""
 
     def __init__(self, req: ChatCompletionRequest):
         self.req = req
         self.mode = tool_choice_mode(req)
         self.text = ""
-        self.held = ""
-        self.streaming_text = self.mode == "none"
+        self.sent = 0  # auto: characters of text already sent (or skipped) as content
+        self.in_call = False  # auto: a `<tool_call>` tag has appeared at text[sent:]
         self.call_id = new_call_id()
         self.called = False
 
     def feed(self, delta: str, finished: bool) -> tuple[str, list[DeltaToolCall]]:
         """(content to send, tool-call deltas to send) for this delta."""
         self.text += delta
-        if self.streaming_text:
+        if self.mode == "none":
             return delta, []
         if self.mode == "named":
             if not delta:
@@ -232,17 +239,35 @@ class ReplyStreamer:
                 fn = DeltaFunctionCall(name=name, arguments=delta)
                 return "", [DeltaToolCall(index=0, id=self.call_id, type="function", function=fn)]
             return "", [DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=delta))]
-        self.held += delta
-        if self.mode == "auto" and not could_become_tool_call(self.held):
-            self.streaming_text = True
-            out, self.held = self.held, ""
-            return out, []
-        if not finished:
+        if self.mode == "auto":
+            return self._feed_auto(finished)
+        if not finished:  # required: one JSON array, parsed at the end
             return "", []
-        content, calls = parse_reply(self.req, self.text)
-        if not calls:
-            out, self.held = self.held, ""
+        return self._finish()
+
+    def _feed_auto(self, finished: bool) -> tuple[str, list[DeltaToolCall]]:
+        out = ""
+        if not self.in_call:
+            tag = self.text.find(TOOL_CALL_OPEN, self.sent)
+            if tag >= 0:  # content ends here; the whitespace before the tag stays unsent (parse strips it)
+                self.in_call = True
+                out = self.text[self.sent : tag].rstrip()
+            else:
+                out = self.text[
+                    self.sent : len(self.text) - (0 if finished else held_back(self.text[self.sent :]))
+                ]
+            self.sent += len(out)
+        if not finished or not self.in_call:
             return out, []
+        content, calls = self._finish()
+        return out + content, calls
+
+    def _finish(self) -> tuple[str, list[DeltaToolCall]]:
+        """At the end: the calls of the whole reply as deltas, plus content not sent yet."""
+        content, calls = parse_reply(self.req, self.text)
+        unsent = self.text[self.sent :]
+        if not calls:
+            return unsent, []
         self.called = True
         deltas = [
             DeltaToolCall(
@@ -253,4 +278,5 @@ class ReplyStreamer:
             )
             for i, c in enumerate(calls)
         ]
-        return content or "", deltas
+        # required: content is None; auto: what precedes the first call was streamed already
+        return (content or "") if self.mode != "auto" else "", deltas
