@@ -19,7 +19,7 @@ from tests.test_models import SMALL_CONFIG, k_quant_bytes, small_tokenizer_field
 from tokenmill import LLM, SamplingParams
 from tokenmill.layers.cpu_kernels import load_cpu_kernels
 from tokenmill.layers.linear import GEMM_MIN_ROWS, QuantKernelPlan, QuantLinear, plan_for
-from tokenmill.layers.quantization import PackedWeight, convert, dequantize, quantize
+from tokenmill.layers.quantization import PackedWeight, convert, dequantize, quantize, w8a8_matmul
 from tokenmill.models import weight_cache
 from tokenmill.models.gguf import pack_gguf
 
@@ -42,6 +42,44 @@ def test_quantize_error_is_within_half_a_step(fmt):
     step = p.scales.float().unsqueeze(-1)
     assert (err <= step * 0.5 + 1e-6).all()
     assert p.nbytes() == w.numel() * (0.625 if fmt == "q4" else 1.0625)  # codes + fp16 scales (+ offsets)
+
+
+def test_w8a8_rows_share_one_scale_within_half_a_step():
+    w = torch.randn(64, 256) * 0.1
+    p = quantize(w, "w8a8")
+    assert p.format == "w8a8" and p.codes.dtype == torch.int8 and p.mins is None
+    assert (p.scales == p.scales[:, :1]).all()  # every block of a row holds the row's scale
+    row_scale = p.scales[:, :1].float()
+    assert ((dequantize(p) - w).abs() <= row_scale * 0.5 + 1e-6).all()
+    assert p.codes.abs().amax(1).eq(127).all()  # the row's largest weight takes the full int8 range
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 5, 24, 70])
+def test_w8a8_kernel_matches_the_torch_reference(rows):
+    w = random_packed("w8a8", 200, 96, seed=rows)
+    row_scales = w.scales[:, 0].float().contiguous()
+    x = torch.randn(rows, 96)
+    x[0, 3] = 40.0  # an outlier: its row's other activations lose precision, the other rows do not
+    ref = w8a8_matmul(x, w.codes, row_scales)
+    torch.testing.assert_close(KERNELS.w8a8_linear(x, w.codes, row_scales), ref, rtol=1e-6, atol=1e-5)
+    exact = x @ dequantize(w).T
+    err = (ref - exact).abs().amax(1) / exact.abs().amax(1)
+    assert (err[1:] < 0.03).all()  # int8 activations: about 1% of a row's largest output
+
+
+@pytest.mark.parametrize("kernels", [pytest.param("cpp", marks=needs_kernels), "torch"])
+def test_w8a8_linear_rounds_activations_only_from_the_gemm_threshold(kernels):
+    w = random_packed("w8a8", 64, 96)
+    layer = QuantLinear(w, None, KERNELS if kernels == "cpp" else None, QuantKernelPlan(gemm_min_rows=8))
+    for rows in (3, 8, 20):
+        x = torch.randn(rows, 96)
+        out, exact = layer(x), x @ dequantize(w).T
+        if rows < 8:  # the q8 GEMV: activations kept (int16 at most), weights per-row int8
+            torch.testing.assert_close(out, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
+        else:
+            torch.testing.assert_close(out, w8a8_matmul(x, w.codes, layer.row_scales), rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(out, exact, rtol=1e-5, atol=1e-6)
 
 
 def test_quantize_rejects_rows_that_are_not_whole_blocks():
@@ -157,6 +195,28 @@ def test_gguf_runs_natively_and_matches_dense(tmp_path, qtype):
         assert list(dense)[0] == list(auto)[0]
         for token, lp in dense.items():
             assert auto[token].logprob == pytest.approx(lp.logprob, abs=2e-3)
+
+
+def test_w8a8_model_runs_close_to_dense(tmp_path):
+    path = write_gguf(
+        tmp_path / "m.gguf",
+        SMALL_CONFIG,
+        random_llama_weights(SMALL_CONFIG),
+        small_tokenizer_fields(),
+        Q.Q8_0,
+    )
+    prompt = {"prompt_token_ids": list(range(10, 70))}  # a 60-token prefill: the int8 GEMM path
+    logprobs = {}
+    for mode in ("dense", "w8a8"):
+        llm = LLM(str(path), weights=mode, kv_cache_memory="16MiB")
+        if mode == "w8a8" and KERNELS is not None:
+            assert llm.engine.runner.model.layers[0].gate_up.weight.format == "w8a8"
+        out = llm.generate(prompt, SamplingParams(max_tokens=4, temperature=0, logprobs=3), use_tqdm=False)
+        logprobs[mode] = out[0].outputs[0].logprobs[0]
+    dense, w8a8 = logprobs["dense"], logprobs["w8a8"]
+    assert list(dense)[0] == list(w8a8)[0]
+    top = list(dense)[0]
+    assert w8a8[top].logprob == pytest.approx(dense[top].logprob, abs=0.05)
 
 
 def test_quantized_formats_need_float32(tmp_path):

@@ -16,12 +16,16 @@ class WeightFormat(StrEnum):
            (CPU, fp32 activations), float weights stay float
     DENSE: every weight dequantized to the engine dtype
     Q4/Q8: every linear weight converted to 4/8-bit blocks of 32 (layers/quantization.py)
+    W8A8:  every linear weight as int8 with one scale per output row; from a GEMM's worth of activation
+           rows on (prefill, big batches) the activations are rounded to int8 per row too and the product
+           runs as an int8 GEMM (oneDNN: VNNI / AMX), fewer rows run like Q8
     """
 
     AUTO = "auto"
     DENSE = "dense"
     Q4 = "q4"
     Q8 = "q8"
+    W8A8 = "w8a8"
 
     @property
     def packed(self) -> bool:
@@ -37,4 +41,4 @@ class WeightFormat(StrEnum):
             raise ValueError(f"weights must be one of {', '.join(cls)}, got {value!r}") from None
 
 
-PACKED_FORMATS = (WeightFormat.Q4, WeightFormat.Q8)
+PACKED_FORMATS = (WeightFormat.Q4, WeightFormat.Q8, WeightFormat.W8A8)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from tokenmill.formats import WeightFormat
 from tokenmill.layers.cpu_kernels import cpu_vendor
-from tokenmill.layers.quantization import PackedWeight, dequantize
+from tokenmill.layers.quantization import PackedWeight, dequantize, w8a8_matmul
 
 # Below this many activation rows the kernel decodes each weight block in registers for every row (a step
 # reads the quantized bytes once); from it on, weights are decoded a tile at a time for torch's GEMM.
@@ -88,6 +88,10 @@ class QuantLinear:
         self.bias = bias
         self.kernels = kernels
         self.plan = plan or default_plan(kernels)
+        # w8a8: the rows' scales (every block of a row holds the same one), for the int8 GEMM
+        self.row_scales = (
+            weight.scales[:, 0].float().contiguous() if weight.format == WeightFormat.W8A8 else None
+        )
 
     @property
     def out_features(self) -> int:
@@ -95,7 +99,10 @@ class QuantLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         w, k, p = self.weight, self.kernels, self.plan
-        if k is None:
+        w8a8_gemm = self.row_scales is not None and x.numel() >= p.gemm_min_rows * x.shape[-1]
+        if w8a8_gemm:
+            y = (k.w8a8_linear if k is not None else w8a8_matmul)(x, w.codes, self.row_scales)
+        elif k is None:
             y = F.linear(x, dequantize(w))
         elif w.format == WeightFormat.Q4:
             y = k.q4_linear(x, w.codes, w.scales, w.mins, p.gemm_min_rows, p.tile_bytes, p.fp32_rows)
@@ -108,7 +115,7 @@ class QuantLinear:
         if self.kernels is None:
             return dequantize(part)
         if part.format == WeightFormat.Q4:
-            return self.kernels.q4_dequantize(part.codes, part.scales, part.mins)
+            return self.kernels.q4_dequantize(part.codes, part.scales, part.mins)  # q8 and w8a8 alike below
         return self.kernels.q8_dequantize(part.codes, part.scales)
 
 

@@ -4,6 +4,8 @@ Every format cuts a weight row into blocks of 32 input features with an fp16 sca
   q8: int8 codes [N, K],         w = scale * q
   q4: uint8 codes [N, K/2],      w = scale * q + offset, q in 0..15; byte j of a block holds element j
       (low nibble) and element j + 16 (high nibble), which is GGUF's Q4_0/Q4_1 layout.
+  w8a8: q8 whose blocks of a row all share the row's scale: the kernels run it as q8, and an int8 GEMM
+      (per-row activation scales) can factor both scales out of the sum over the whole row.
 A float weight can be quantized into either format (a lossy step, measured by `tokenmill eval`); a
 checkpoint's own quantized blocks are repacked into them by its loader (models/gguf.py).
 """
@@ -72,6 +74,12 @@ def quantize(weight: torch.Tensor, fmt: WeightFormat | str) -> PackedWeight:
         s = scale.float().unsqueeze(-1)
         q = torch.where(s > 0, w / torch.where(s > 0, s, 1), 0).round().clamp(-127, 127)
         return PackedWeight(WeightFormat.Q8, q.to(torch.int8).reshape(n, k).contiguous(), scale.contiguous())
+    if fmt == WeightFormat.W8A8:
+        scale = (w.abs().amax((1, 2)) / 127).half()  # one per row
+        s = scale.float()[:, None, None]
+        q = torch.where(s > 0, w / torch.where(s > 0, s, 1), 0).round().clamp(-127, 127)
+        scales = scale[:, None].expand(n, k // BLOCK).contiguous()
+        return PackedWeight(WeightFormat.W8A8, q.to(torch.int8).reshape(n, k).contiguous(), scales)
     if fmt == WeightFormat.Q4:
         lo, hi = w.amin(-1), w.amax(-1)
         scale = ((hi - lo) / 15).half()
@@ -89,11 +97,21 @@ def dequantize(p: PackedWeight) -> torch.Tensor:
     """Pure-torch decode to fp32 [N, K]: the reference for the kernels and the path without them."""
     n, k = p.shape
     s = p.scales.float().unsqueeze(-1)
-    if p.format == WeightFormat.Q8:
+    if p.format in (WeightFormat.Q8, WeightFormat.W8A8):
         return (p.codes.float().view(n, -1, BLOCK) * s).view(n, k)
     c = p.codes.view(n, -1, BLOCK // 2)
     q = torch.cat([c & 0x0F, c >> 4], dim=-1).float()
     return (q * s + p.mins.float().unsqueeze(-1)).view(n, k)  # type: ignore[union-attr]
+
+
+def w8a8_matmul(x: torch.Tensor, codes: torch.Tensor, row_scales: torch.Tensor) -> torch.Tensor:
+    """Pure-torch W8A8 product: x rounded to int8 per row (absmax / 127), integer products summed exactly
+    (in float64: |sums| < 2^53), then both scales. The reference for the kernel and the path without it."""
+    amax = x.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / torch.where(amax > 0, amax, 1), 0)
+    xq = torch.round(x * inv).clamp(-127, 127)
+    acc = (xq.double() @ codes.double().T).float()
+    return acc * (amax / 127) * row_scales
 
 
 def convert(weight: torch.Tensor | PackedWeight, mode: WeightFormat | str) -> torch.Tensor | PackedWeight:

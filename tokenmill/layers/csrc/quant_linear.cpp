@@ -510,6 +510,46 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
   return quant_linear<false>(x, codes, scales, scales, gemm_min_rows, tile_bytes, fp32_rows);
 }
 
+// W8A8: y = (x_q @ W_q^T) * x_scale[m] * w_scale[n], with x rounded to int8 per row (absmax / 127) and the
+// int8 GEMM done by torch (_int_mm: oneDNN's VNNI / AMX kernels). The weight's rows carry one scale each
+// (the w8a8 format), so both scales factor out of the whole row's integer sum.
+torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scales) {
+  TORCH_CHECK(codes.device().is_cpu() && codes.is_contiguous() && codes.dim() == 2 && codes.scalar_type() == at::kChar,
+              "codes: contiguous 2-D int8 CPU");
+  const int64_t N = codes.size(0), K = codes.size(1);
+  TORCH_CHECK(row_scales.scalar_type() == at::kFloat && row_scales.is_contiguous() && row_scales.numel() == N,
+              "row_scales must be ", N, " contiguous fp32 values");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == K, "x must be fp32 with ", K, " features");
+  auto shape = x.sizes().vec();
+  x = x.reshape({-1, K}).contiguous();
+  const int64_t M = x.size(0);
+  shape.back() = N;
+  auto xq = torch::empty({M, K}, x.options().dtype(at::kChar));
+  std::vector<float> xs(M);
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = xq.data_ptr<int8_t>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* r = xp + m * K;
+      float amax = 0.f;
+      for (int64_t j = 0; j < K; ++j) amax = std::max(amax, std::fabs(r[j]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      xs[m] = amax / 127.f;
+      for (int64_t j = 0; j < K; ++j) qp[m * K + j] = static_cast<int8_t>(std::nearbyint(r[j] * inv));
+    }
+  });
+  const auto acc = at::_int_mm(xq, codes.t());
+  auto y = torch::empty({M, N}, x.options());
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* ws = row_scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t n = 0; n < N; ++n) yp[m * N + n] = static_cast<float>(ap[m * N + n]) * xs[m] * ws[n];
+  });
+  return y.view(shape);
+}
+
 // Dequantize every row of a weight (or of a row gather of one, e.g. embedding lookups) to fp32 [N, K].
 torch::Tensor q4_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor mins) {
   codes = codes.contiguous(), scales = scales.contiguous(), mins = mins.contiguous();
