@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from tokenmill.formats import WeightFormat
 from tokenmill.layers.cpu_kernels import cpu_vendor
-from tokenmill.layers.quantization import PackedWeight, dequantize, w8a8_matmul
+from tokenmill.layers.quantization import W8A8_OUTLIER, PackedWeight, dequantize, w8a8_matmul
 
 # Below this many activation rows the kernel decodes each weight block in registers for every row (a step
 # reads the quantized bytes once); from it on, weights are decoded a tile at a time for torch's GEMM.
@@ -101,7 +101,8 @@ class QuantLinear:
         w, k, p = self.weight, self.kernels, self.plan
         w8a8_gemm = self.row_scales is not None and x.numel() >= p.gemm_min_rows * x.shape[-1]
         if w8a8_gemm:
-            y = (k.w8a8_linear if k is not None else w8a8_matmul)(x, w.codes, self.row_scales)
+            fn = k.w8a8_linear if k is not None else w8a8_matmul
+            y = fn(x.reshape(-1, x.shape[-1]), w.codes, self.row_scales, W8A8_OUTLIER).view(*x.shape[:-1], -1)
         elif k is None:
             y = F.linear(x, dequantize(w))
         elif w.format == WeightFormat.Q4:

@@ -104,14 +104,25 @@ def dequantize(p: PackedWeight) -> torch.Tensor:
     return (q * s + p.mins.float().unsqueeze(-1)).view(n, k)  # type: ignore[union-attr]
 
 
-def w8a8_matmul(x: torch.Tensor, codes: torch.Tensor, row_scales: torch.Tensor) -> torch.Tensor:
-    """Pure-torch W8A8 product: x rounded to int8 per row (absmax / 127), integer products summed exactly
-    (in float64: |sums| < 2^53), then both scales. The reference for the kernel and the path without it."""
-    amax = x.abs().amax(-1, keepdim=True)
+W8A8_OUTLIER = 6.0  # |activation| above which a feature goes through fp32 (LLM.int8()'s threshold)
+
+
+def w8a8_matmul(
+    x: torch.Tensor, codes: torch.Tensor, row_scales: torch.Tensor, outlier: float = W8A8_OUTLIER
+) -> torch.Tensor:
+    """Pure-torch W8A8 product: features where some row's |x| exceeds `outlier` are multiplied in fp32; the
+    rest of x is rounded to int8 per row (absmax / 127), its integer products summed exactly (in float64:
+    |sums| < 2^53) and both scales applied. The reference for the kernel and the path without it."""
+    x = x.reshape(-1, x.shape[-1])
+    out = (x.abs() > outlier).any(0)
+    xi = x.masked_fill(out, 0)
+    amax = xi.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, 127 / torch.where(amax > 0, amax, 1), 0)
-    xq = torch.round(x * inv).clamp(-127, 127)
-    acc = (xq.double() @ codes.double().T).float()
-    return acc * (amax / 127) * row_scales
+    xq = torch.round(xi * inv).clamp(-127, 127)
+    y = (xq.double() @ codes.double().T).float() * (amax / 127) * row_scales
+    if out.any():
+        y = y + x[:, out] @ (codes[:, out].float() * row_scales[:, None]).T
+    return y
 
 
 def convert(weight: torch.Tensor | PackedWeight, mode: WeightFormat | str) -> torch.Tensor | PackedWeight:

@@ -10,7 +10,7 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
                         int64_t gemm_min_rows, int64_t tile_bytes, bool fp32_rows);
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t gemm_min_rows,
                         int64_t tile_bytes, bool fp32_rows);
-torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scales);
+torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scales, double outlier);
 torch::Tensor q4_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor mins);
 torch::Tensor q8_dequantize(torch::Tensor codes, torch::Tensor scales);
 std::string cpu_isa();
@@ -28,7 +28,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("return_lse"), py::arg("scores") = py::none(), py::arg("score_from") = py::none());
   m.def("q4_linear", &q4_linear, "x @ W^T with 4-bit block-quantized W");
   m.def("q8_linear", &q8_linear, "x @ W^T with 8-bit block-quantized W");
-  m.def("w8a8_linear", &w8a8_linear, "x @ W^T, x rounded to int8 per row, W int8 with per-row scales");
+  m.def("w8a8_linear", &w8a8_linear, "x @ W^T, x rounded to int8 per row (outlier features in fp32), W int8 with per-row scales");
   m.def("q4_dequantize", &q4_dequantize, "4-bit blocks -> fp32 rows");
   m.def("q8_dequantize", &q8_dequantize, "8-bit blocks -> fp32 rows");
   m.def("add_rms_norm", &add_rms_norm, "x += delta; rms_norm(x) * weight (fp32)");

@@ -512,8 +512,10 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
 
 // W8A8: y = (x_q @ W_q^T) * x_scale[m] * w_scale[n], with x rounded to int8 per row (absmax / 127) and the
 // int8 GEMM done by torch (_int_mm: oneDNN's VNNI / AMX kernels). The weight's rows carry one scale each
-// (the w8a8 format), so both scales factor out of the whole row's integer sum.
-torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scales) {
+// (the w8a8 format), so both scales factor out of the whole row's integer sum. Input features where some
+// row's |x| exceeds `outlier` are left out of the int8 product and added in fp32 (LLM.int8()'s decomposition):
+// a few such features would otherwise set every row's scale and flatten the rest to a handful of levels.
+torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scales, double outlier) {
   TORCH_CHECK(codes.device().is_cpu() && codes.is_contiguous() && codes.dim() == 2 && codes.scalar_type() == at::kChar,
               "codes: contiguous 2-D int8 CPU");
   const int64_t N = codes.size(0), K = codes.size(1);
@@ -524,18 +526,26 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor ro
   x = x.reshape({-1, K}).contiguous();
   const int64_t M = x.size(0);
   shape.back() = N;
+  const float* xp = x.data_ptr<float>();
+  // outlier features: |x| > outlier in any row
+  std::vector<uint8_t> is_outlier(K, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < K; ++j) is_outlier[j] |= std::fabs(xp[m * K + j]) > outlier;
+  std::vector<int64_t> outliers;
+  for (int64_t j = 0; j < K; ++j)
+    if (is_outlier[j]) outliers.push_back(j);
   auto xq = torch::empty({M, K}, x.options().dtype(at::kChar));
   std::vector<float> xs(M);
-  const float* xp = x.data_ptr<float>();
   int8_t* qp = xq.data_ptr<int8_t>();
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* r = xp + m * K;
       float amax = 0.f;
-      for (int64_t j = 0; j < K; ++j) amax = std::max(amax, std::fabs(r[j]));
+      for (int64_t j = 0; j < K; ++j) amax = std::max(amax, is_outlier[j] ? 0.f : std::fabs(r[j]));
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       xs[m] = amax / 127.f;
-      for (int64_t j = 0; j < K; ++j) qp[m * K + j] = static_cast<int8_t>(std::nearbyint(r[j] * inv));
+      for (int64_t j = 0; j < K; ++j)
+        qp[m * K + j] = is_outlier[j] ? 0 : static_cast<int8_t>(std::nearbyint(r[j] * inv));
     }
   });
   const auto acc = at::_int_mm(xq, codes.t());
@@ -547,6 +557,11 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor ro
     for (int64_t m = m0; m < m1; ++m)
       for (int64_t n = 0; n < N; ++n) yp[m * N + n] = static_cast<float>(ap[m * N + n]) * xs[m] * ws[n];
   });
+  if (!outliers.empty()) {
+    const auto idx = torch::tensor(outliers, torch::kLong);
+    const auto w_out = codes.index_select(1, idx).to(at::kFloat) * row_scales.unsqueeze(1);  // [N, k_o]
+    y.addmm_(x.index_select(1, idx), w_out.t());
+  }
   return y.view(shape);
 }
 
