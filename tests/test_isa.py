@@ -209,3 +209,13 @@ def test_greedy_generation_is_identical_at_every_level(tiny_model_dir, both, wei
         assert llm.engine.runner.model.kernels is kernels
         tokens[level] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert all(t == tokens["portable"] for t in tokens.values())
+
+
+def test_env_report_names_the_linear_plan():
+    from tokenmill.entrypoints.env_info import env_report, format_report
+    from tokenmill.layers.cpu_kernels import cpu_vendor
+    from tokenmill.layers.linear import plan_for
+
+    r = env_report(load=False)
+    assert r["linear_plan"]["gemm_min_rows"] == plan_for(detect_isa(), cpu_vendor()).gemm_min_rows
+    assert f"{r['linear_plan']['gemm_min_rows']}+ rows" in format_report(r)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -14,18 +15,30 @@ def env_report(isa: str = "auto", load: bool = True) -> dict[str, Any]:
 
     import tokenmill
     from tokenmill.config import physical_cores
-    from tokenmill.layers.cpu_kernels import kernel_info
+    from tokenmill.layers.cpu_kernels import cpu_vendor, kernel_info
+    from tokenmill.layers.linear import plan_for
 
     info = kernel_info(isa, load=load)
+    plan = plan_for(info["isa"], cpu_vendor()) if info["isa"] else None
     return {
         "tokenmill": tokenmill.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
         **info,
+        "cpu_vendor": cpu_vendor(),
+        "linear_plan": None if plan is None else dataclasses.asdict(plan),
         "threads_default": physical_cores(),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def _plan_line(plan: dict[str, Any] | None) -> str:
+    if plan is None:
+        return "-"
+    rows = plan["gemm_min_rows"]
+    few = "fp32 rows (AVX-512)" if plan["fp32_rows"] else "int16 dot products"
+    return f"1 row: int16 GEMV; 2-{rows - 1} rows: {few}; {rows}+ rows: tile decode + GEMM (w8a8: int8 GEMM)"
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -52,6 +65,7 @@ def format_report(r: dict[str, Any]) -> str:
             f"this CPU runs: {', '.join(r['supported_isas'])})",
         ),
         ("kernels", kernels),
+        ("packed linears", _plan_line(r["linear_plan"])),
         (
             "threads",
             f"{r['threads_default']} by default (physical cores); torch now uses {r['torch_threads']}",
