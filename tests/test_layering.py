@@ -218,7 +218,7 @@ def test_weight_formats_are_an_enum_that_takes_strings():
     assert EngineConfig(weights=WeightFormat.DENSE).weights is WeightFormat.DENSE
     with pytest.raises(ValueError, match="weights must be one of auto, dense, q4, q8"):
         EngineConfig(weights="q3")
-    assert [f.packed for f in WeightFormat] == [False, False, True, True]
+    assert [f.packed for f in WeightFormat] == [False, False, True, True, True]
 
     from tokenmill.layers.quantization import PackedWeight, quantize
 
