@@ -243,3 +243,220 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
   });
   return {out, lse};
 }
+
+// ---- KIVI (kv/kivi.py) ------------------------------------------------------------------------------------
+// Blocks still filling (open_slot[block] = r >= 0) are read in full precision from residual r. A sealed block's
+// keys are quantized per channel c with (s_c, m_c), so q . k_t = sum_c (q_c s_c) code_tc + sum_c q_c m_c: per
+// block and query row, q * s and q . m are computed once, then each key costs one pass over its codes. Codes
+// unpack span by span (byte j, shift i * bits: channel j + i * span), a contiguous run of channels each. Values
+// are per token and group: p * s_g * code + p * m_g, added span by span.
+static void kivi_kernel(const float* q, const uint8_t* kc, const uint8_t* vc, const at::Half* kst,
+                        const at::Half* vst, const float* rk, const float* rv, const int32_t* open_slot, int bits,
+                        int64_t G, const int64_t* tables, const int64_t* lens, const int64_t* qsl, float* out,
+                        float* lse, float* score_out, const int64_t* score_from, int64_t score_len, int64_t B,
+                        int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float scale) {
+  const int per = 8 / bits;
+  const int64_t span = D / per, RB = span, grp = D / G, run = std::min(span, grp);
+  const int mask = (1 << bits) - 1;
+  const int64_t QG = H / Hkv;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, qf, qs, qm, acc, maxs, sums;
+    std::vector<int64_t> visible;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, h = task % Hkv;
+      const int64_t L = lens[b], q0 = qsl[b], n = qsl[b + 1] - q0;
+      if (n <= 0) continue;
+      const int64_t R = n * QG, first = L - n;
+      const int64_t* table = tables + b * max_blocks;
+      scores.resize(R * L);
+      qf.resize(R * D);
+      qs.resize(R * D);
+      qm.resize(R);
+      acc.assign(R * D, 0.f);
+      maxs.assign(R, -std::numeric_limits<float>::infinity());
+      sums.assign(R, 0.f);
+      visible.resize(R);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t g = 0; g < QG; ++g) {
+          const float* src = q + ((q0 + j) * H + h * QG + g) * D;
+          float* dst = qf.data() + (j * QG + g) * D;
+          for (int64_t i = 0; i < D; ++i) dst[i] = src[i] * scale;
+          visible[j * QG + g] = first + j + 1;
+        }
+      const int64_t nblocks = (L + bs - 1) / bs;
+      for (int64_t bi = 0; bi < nblocks; ++bi) {
+        const int64_t blk = table[bi], t0 = bi * bs, tn = std::min(bs, L - t0);
+        const int32_t r_open = open_slot[blk];
+        if (r_open >= 0) {
+          for (int64_t o = 0; o < tn; ++o) {
+            const int64_t t = t0 + o;
+            const float* k = rk + ((static_cast<int64_t>(r_open) * Hkv + h) * bs + o) * D;
+            const int64_t r0 = t < first ? 0 : (t - first) * QG;
+            for (int64_t r = r0; r < R; ++r) {
+              const float* qr = qf.data() + r * D;
+              float s = 0.f;
+#pragma omp simd reduction(+ : s)
+              for (int64_t i = 0; i < D; ++i) s += qr[i] * k[i];
+              scores[r * L + t] = s;
+              maxs[r] = std::max(maxs[r], s);
+            }
+          }
+          continue;
+        }
+        const at::Half* st = kst + (blk * Hkv + h) * D * 2;
+        const int64_t rb0 = t0 < first ? 0 : (t0 - first) * QG;  // rows that see a key of this block
+        for (int64_t r = rb0; r < R; ++r) {
+          const float* qr = qf.data() + r * D;
+          float* qsr = qs.data() + r * D;
+          float m = 0.f;
+          for (int64_t c = 0; c < D; ++c) {
+            qsr[c] = qr[c] * static_cast<float>(st[2 * c]);
+            m += qr[c] * static_cast<float>(st[2 * c + 1]);
+          }
+          qm[r] = m;
+        }
+        for (int64_t o = 0; o < tn; ++o) {
+          const int64_t t = t0 + o;
+          const uint8_t* codes = kc + ((blk * Hkv + h) * bs + o) * RB;
+          const int64_t r0 = t < first ? 0 : (t - first) * QG;
+          for (int64_t r = r0; r < R; ++r) {
+            const float* qsr = qs.data() + r * D;
+            float s = qm[r];
+            for (int i = 0; i < per; ++i) {
+              const int shift = i * bits;
+              const float* qi = qsr + i * span;
+              float part = 0.f;
+#pragma omp simd reduction(+ : part)
+              for (int64_t j = 0; j < span; ++j) part += qi[j] * static_cast<float>((codes[j] >> shift) & mask);
+              s += part;
+            }
+            scores[r * L + t] = s;
+            maxs[r] = std::max(maxs[r], s);
+          }
+        }
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        float* sr = scores.data() + r * L;
+        const float m = maxs[r];
+        const int64_t vis = visible[r];
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < vis; ++t) {
+          sr[t] = std::exp(sr[t] - m);
+          sum += sr[t];
+        }
+        sums[r] = sum;
+      }
+      if (score_out != nullptr && score_from[b] >= 0) {
+        float* dst = score_out + (b * Hkv + h) * score_len;
+        for (int64_t r = score_from[b] * QG; r < R; ++r) {
+          const float* sr = scores.data() + r * L;
+          const float inv = 1.f / sums[r];
+          const int64_t vis = visible[r];
+#pragma omp simd
+          for (int64_t t = 0; t < vis; ++t) dst[t] += sr[t] * inv;
+        }
+      }
+      for (int64_t bi = 0; bi < nblocks; ++bi) {
+        const int64_t blk = table[bi], t0 = bi * bs, tn = std::min(bs, L - t0);
+        const int32_t r_open = open_slot[blk];
+        for (int64_t o = 0; o < tn; ++o) {
+          const int64_t t = t0 + o;
+          const int64_t r0 = t < first ? 0 : (t - first) * QG;
+          if (r_open >= 0) {
+            const float* v = rv + ((static_cast<int64_t>(r_open) * Hkv + h) * bs + o) * D;
+            for (int64_t r = r0; r < R; ++r) {
+              const float p = scores[r * L + t];
+              float* ar = acc.data() + r * D;
+#pragma omp simd
+              for (int64_t i = 0; i < D; ++i) ar[i] += p * v[i];
+            }
+            continue;
+          }
+          const int64_t row = (blk * Hkv + h) * bs + o;
+          const uint8_t* codes = vc + row * RB;
+          const at::Half* sm = vst + row * G * 2;
+          for (int64_t r = r0; r < R; ++r) {
+            const float p = scores[r * L + t];
+            float* ar = acc.data() + r * D;
+            for (int i = 0; i < per; ++i) {
+              const int shift = i * bits;
+              for (int64_t k0 = 0; k0 < span; k0 += run) {
+                const int64_t c0 = i * span + k0, g = c0 / grp;
+                const float w = p * static_cast<float>(sm[2 * g]), m = p * static_cast<float>(sm[2 * g + 1]);
+                float* a = ar + c0;
+                const uint8_t* cb = codes + k0;
+#pragma omp simd
+                for (int64_t j = 0; j < run; ++j) a[j] += w * static_cast<float>((cb[j] >> shift) & mask) + m;
+              }
+            }
+          }
+        }
+      }
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t g = 0; g < QG; ++g) {
+          const int64_t r = j * QG + g, head = h * QG + g;
+          float* dst = out + ((q0 + j) * H + head) * D;
+          const float inv = 1.f / sums[r];
+          for (int64_t i = 0; i < D; ++i) dst[i] = acc[r * D + i] * inv;
+          if (lse != nullptr) lse[(q0 + j) * H + head] = maxs[r] + std::log(sums[r]);
+        }
+    }
+  });
+}
+
+// q [T, H, D] fp32; k_codes, v_codes [blocks, Hkv, bs, D * bits / 8] uint8; k_stats [blocks, Hkv, D, 2] fp16;
+// v_stats [blocks, Hkv, bs, G, 2] fp16; res_k, res_v [R, Hkv, bs, D] fp32; open_slot [blocks] int32; the rest
+// as paged_attention.
+std::vector<torch::Tensor> kivi_paged_attention(torch::Tensor q, torch::Tensor k_codes, torch::Tensor v_codes,
+                                                torch::Tensor k_stats, torch::Tensor v_stats, torch::Tensor res_k,
+                                                torch::Tensor res_v, torch::Tensor open_slot, int64_t bits,
+                                                torch::Tensor block_tables, torch::Tensor seq_lens,
+                                                torch::Tensor query_start_loc, double scale, bool return_lse,
+                                                c10::optional<torch::Tensor> scores,
+                                                c10::optional<torch::Tensor> score_from) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat, "kivi_paged_attention: q fp32 [T, H, D]");
+  TORCH_CHECK(bits == 2 || bits == 4, "kivi: 2 or 4 bits");
+  for (auto* t : {&k_codes, &v_codes, &k_stats, &v_stats, &res_k, &res_v, &open_slot})
+    TORCH_CHECK(t->is_contiguous(), "kivi cache tensors must be contiguous");
+  TORCH_CHECK(k_codes.scalar_type() == at::kByte && v_codes.scalar_type() == at::kByte, "kivi codes: uint8");
+  TORCH_CHECK(k_stats.scalar_type() == at::kHalf && v_stats.scalar_type() == at::kHalf, "kivi stats: fp16");
+  TORCH_CHECK(res_k.scalar_type() == at::kFloat && res_v.scalar_type() == at::kFloat, "kivi residual: fp32");
+  TORCH_CHECK(open_slot.scalar_type() == at::kInt && open_slot.numel() == k_codes.size(0), "open_slot: int32 [blocks]");
+  q = q.contiguous();
+  block_tables = block_tables.to(torch::kLong).contiguous();
+  seq_lens = seq_lens.to(torch::kLong).contiguous();
+  query_start_loc = query_start_loc.to(torch::kLong).contiguous();
+  const int64_t B = seq_lens.size(0), H = q.size(1), D = q.size(2);
+  const int64_t Hkv = k_codes.size(1), bs = k_codes.size(2), G = v_stats.size(3);
+  TORCH_CHECK(H % Hkv == 0 && k_codes.size(3) * 8 == D * bits && res_k.size(3) == D, "head layout mismatch");
+  TORCH_CHECK(k_stats.size(2) == D && D % G == 0, "kivi stats shapes");
+  const int64_t span = D / (8 / bits), grp = D / G;
+  TORCH_CHECK(span % grp == 0 || grp % span == 0, "kivi: a value group must cover whole spans or lie in one");
+  TORCH_CHECK(query_start_loc.size(0) == B + 1 && block_tables.size(0) == B, "one table and length per row");
+  auto out = torch::empty_like(q);
+  torch::Tensor lse = return_lse ? torch::empty({q.size(0), H}, q.options()) : torch::empty({0}, q.options());
+  float* score_ptr = nullptr;
+  const int64_t* score_from_ptr = nullptr;
+  int64_t score_len = 0;
+  torch::Tensor score_from_c;
+  if (scores.has_value()) {
+    TORCH_CHECK(score_from.has_value(), "scores need score_from");
+    TORCH_CHECK(scores->scalar_type() == at::kFloat && scores->is_contiguous() && scores->dim() == 3 &&
+                    scores->size(0) == B && scores->size(1) == Hkv,
+                "scores: contiguous fp32 [rows, Hkv, max_len]");
+    TORCH_CHECK(B == 0 || scores->size(2) >= seq_lens.max().item<int64_t>(), "scores: too short for seq_lens");
+    score_from_c = score_from->to(torch::kLong).contiguous();
+    TORCH_CHECK(score_from_c.numel() == B, "score_from: one entry per row");
+    score_ptr = scores->data_ptr<float>();
+    score_from_ptr = score_from_c.data_ptr<int64_t>();
+    score_len = scores->size(2);
+  }
+  kivi_kernel(q.data_ptr<float>(), k_codes.data_ptr<uint8_t>(), v_codes.data_ptr<uint8_t>(),
+              k_stats.data_ptr<at::Half>(), v_stats.data_ptr<at::Half>(), res_k.data_ptr<float>(),
+              res_v.data_ptr<float>(), open_slot.data_ptr<int32_t>(), static_cast<int>(bits), G,
+              block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), query_start_loc.data_ptr<int64_t>(),
+              out.data_ptr<float>(), return_lse ? lse.data_ptr<float>() : nullptr, score_ptr, score_from_ptr,
+              score_len, B, H, Hkv, D, bs, block_tables.size(1), static_cast<float>(scale));
+  return {out, lse};
+}
