@@ -17,16 +17,78 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+// The build's -m flags fix the instruction-set level (cpu_kernels.py), as in quant_linear.cpp.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#ifndef TM_AVX2
+#define TM_AVX2 1
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+#ifndef TM_AVX512
+#define TM_AVX512 1
+#endif
+#endif
+#endif
+
+// One packed row of `bits`-bit codes (byte j holds element j + i * span at bit i * bits, span = D * bits / 8;
+// int4's nibble layout is bits = 4) into D floats: the codes, or with `sm` (fp16 scale, min per group of `grp`
+// elements) the dequantized values. A task decodes each cached row once into this small buffer and reuses it
+// for every query row that reads it (the query heads of a KV head, a row's several queries), instead of
+// unpacking nibbles inside every dot product. AVX-512 / AVX2 widen 16 / 8 codes at a time; the scalar loop
+// is the portable path and the tail.
+static inline void decode_row(const uint8_t* bytes, int bits, int64_t D, int64_t grp, const at::Half* sm,
+                              float* out) {
+  const int per = 8 / bits, mask = (1 << bits) - 1;
+  const int64_t span = D / per;
+  for (int i = 0; i < per; ++i) {
+    const int shift = i * bits;
+    float* o = out + i * span;
+    int64_t j = 0;
+#ifdef TM_AVX512
+    {
+      const __m512i vm = _mm512_set1_epi32(mask);
+      const __m128i cnt = _mm_cvtsi32_si128(shift);
+      for (; j + 16 <= span; j += 16) {
+        __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + j)));
+        w = _mm512_and_si512(_mm512_srl_epi32(w, cnt), vm);
+        _mm512_storeu_ps(o + j, _mm512_cvtepi32_ps(w));
+      }
+    }
+#endif
+#ifdef TM_AVX2
+    {
+      const __m256i vm = _mm256_set1_epi32(mask);
+      const __m128i cnt = _mm_cvtsi32_si128(shift);
+      for (; j + 8 <= span; j += 8) {
+        __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + j)));
+        w = _mm256_and_si256(_mm256_srl_epi32(w, cnt), vm);
+        _mm256_storeu_ps(o + j, _mm256_cvtepi32_ps(w));
+      }
+    }
+#endif
+    for (; j < span; ++j) o[j] = static_cast<float>((bytes[j] >> shift) & mask);
+  }
+  if (sm == nullptr) return;
+  for (int64_t g = 0; g < D / grp; ++g) {
+    const float s = static_cast<float>(sm[2 * g]), m = static_cast<float>(sm[2 * g + 1]);
+    float* o = out + g * grp;
+#pragma omp simd
+    for (int64_t e = 0; e < grp; ++e) o[e] = o[e] * s + m;
+  }
+}
 
 // T: the queries' (and output's) type; C: the cache's element type. An int8 cache comes with one fp32 scale
 // per (token, head) for K (ks) and V (vs), applied to whole dot products and to each softmax weight, so the
 // packed blocks are read in place and never dequantized into a copy. An int4 cache (C = uint8_t) packs two
 // codes per byte (byte j: element j in the low nibble, element j + D/2 in the high one) with an fp16
-// (scale, min) pair per group of `D / G` elements: a dot product is sum_g scale_g * (q_g . codes_g) +
-// min_g * sum(q_g), and a value row is added group by group as p * scale_g * code + p * min_g.
+// (scale, min) pair per group of `D / G` elements: each K or V row is dequantized (decode_row, vectorized) into
+// a D-float buffer once and used by every query row of the task.
 template <typename T, typename C>
 static void attention_kernel(const T* q, const C* kc, const C* vc, const void* ks_, const void* vs_, int64_t G,
                              const int64_t* tables, const int64_t* lens, const int64_t* qsl, T* out, float* lse,
@@ -37,10 +99,10 @@ static void attention_kernel(const T* q, const C* kc, const C* vc, const void* k
   const float* vs = int4 ? nullptr : static_cast<const float*>(vs_);
   const at::Half* ksm = int4 ? static_cast<const at::Half*>(ks_) : nullptr;
   const at::Half* vsm = int4 ? static_cast<const at::Half*>(vs_) : nullptr;
-  const int64_t NG = int4 ? G : 1, grp = D / NG, halfD = D / 2, row_elems = int4 ? D / 2 : D;
+  const int64_t NG = int4 ? G : 1, grp = D / NG, row_elems = int4 ? D / 2 : D;
   const int64_t QG = H / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf, acc, maxs, sums, qsum;
+    std::vector<float> scores, qf, acc, maxs, sums, kv(D);
     std::vector<int64_t> visible;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
@@ -62,28 +124,18 @@ static void attention_kernel(const T* q, const C* kc, const C* vc, const void* k
           for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<float>(src[i]) * scale;
           visible[j * QG + g] = first + j + 1;
         }
-      if constexpr (int4) {  // per-group sums of each query row, for the min terms
-        qsum.assign(R * NG, 0.f);
-        for (int64_t r = 0; r < R; ++r)
-          for (int64_t g = 0; g < NG; ++g)
-            for (int64_t i = 0; i < grp; ++i) qsum[r * NG + g] += qf[r * D + g * grp + i];
-      }
       for (int64_t t = 0; t < L; ++t) {
         const int64_t row = (table[t / bs] * Hkv + h) * bs + t % bs;
         const C* k = kc + row * row_elems;
         const int64_t r0 = t < first ? 0 : (t - first) * QG;  // rows whose query sees key t
         if constexpr (int4) {
-          const at::Half* sm = ksm + row * NG * 2;
+          decode_row(k, 4, D, grp, ksm + row * NG * 2, kv.data());  // dequantized once for all rows
+          const float* kd = kv.data();
           for (int64_t r = r0; r < R; ++r) {
             const float* qr = qf.data() + r * D;
             float s = 0.f;
-            for (int64_t g = 0; g < NG; ++g) {
-              const int64_t e0 = g * grp, b0 = e0 % halfD, shift = e0 >= halfD ? 4 : 0;
-              float part = 0.f;
-#pragma omp simd reduction(+ : part)
-              for (int64_t i = 0; i < grp; ++i) part += qr[e0 + i] * static_cast<float>((k[b0 + i] >> shift) & 15);
-              s += static_cast<float>(sm[2 * g]) * part + static_cast<float>(sm[2 * g + 1]) * qsum[r * NG + g];
-            }
+#pragma omp simd reduction(+ : s)
+            for (int64_t i = 0; i < D; ++i) s += qr[i] * kd[i];
             scores[r * L + t] = s;
             maxs[r] = std::max(maxs[r], s);
           }
@@ -128,16 +180,13 @@ static void attention_kernel(const T* q, const C* kc, const C* vc, const void* k
         const C* v = vc + row * row_elems;
         const int64_t r0 = t < first ? 0 : (t - first) * QG;
         if constexpr (int4) {
-          const at::Half* sm = vsm + row * NG * 2;
+          decode_row(v, 4, D, grp, vsm + row * NG * 2, kv.data());
+          const float* vd = kv.data();
           for (int64_t r = r0; r < R; ++r) {
             const float p = scores[r * L + t];
             float* ar = acc.data() + r * D;
-            for (int64_t g = 0; g < NG; ++g) {
-              const int64_t e0 = g * grp, b0 = e0 % halfD, shift = e0 >= halfD ? 4 : 0;
-              const float w = p * static_cast<float>(sm[2 * g]), m = p * static_cast<float>(sm[2 * g + 1]);
 #pragma omp simd
-              for (int64_t i = 0; i < grp; ++i) ar[e0 + i] += w * static_cast<float>((v[b0 + i] >> shift) & 15) + m;
-            }
+            for (int64_t i = 0; i < D; ++i) ar[i] += p * vd[i];
           }
         } else {
           const float v_scale = vs != nullptr ? vs[row] : 1.f;
@@ -247,20 +296,18 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
 // ---- KIVI (kv/kivi.py) ------------------------------------------------------------------------------------
 // Blocks still filling (open_slot[block] = r >= 0) are read in full precision from residual r. A sealed block's
 // keys are quantized per channel c with (s_c, m_c), so q . k_t = sum_c (q_c s_c) code_tc + sum_c q_c m_c: per
-// block and query row, q * s and q . m are computed once, then each key costs one pass over its codes. Codes
-// unpack span by span (byte j, shift i * bits: channel j + i * span), a contiguous run of channels each. Values
-// are per token and group: p * s_g * code + p * m_g, added span by span.
+// block and query row, q * s and q . m are computed once; each key's codes are unpacked once (decode_row) and
+// dotted with every row's q * s. Values are per token and group: each value row is dequantized once and added
+// to every row's accumulator.
 static void kivi_kernel(const float* q, const uint8_t* kc, const uint8_t* vc, const at::Half* kst,
                         const at::Half* vst, const float* rk, const float* rv, const int32_t* open_slot, int bits,
                         int64_t G, const int64_t* tables, const int64_t* lens, const int64_t* qsl, float* out,
                         float* lse, float* score_out, const int64_t* score_from, int64_t score_len, int64_t B,
                         int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float scale) {
-  const int per = 8 / bits;
-  const int64_t span = D / per, RB = span, grp = D / G, run = std::min(span, grp);
-  const int mask = (1 << bits) - 1;
+  const int64_t RB = D * bits / 8, grp = D / G;
   const int64_t QG = H / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf, qs, qm, acc, maxs, sums;
+    std::vector<float> scores, qf, qs, qm, acc, maxs, sums, buf(D);
     std::vector<int64_t> visible;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
@@ -317,19 +364,15 @@ static void kivi_kernel(const float* q, const uint8_t* kc, const uint8_t* vc, co
         }
         for (int64_t o = 0; o < tn; ++o) {
           const int64_t t = t0 + o;
-          const uint8_t* codes = kc + ((blk * Hkv + h) * bs + o) * RB;
+          decode_row(kc + ((blk * Hkv + h) * bs + o) * RB, bits, D, D, nullptr, buf.data());  // codes, once
+          const float* cd = buf.data();
           const int64_t r0 = t < first ? 0 : (t - first) * QG;
           for (int64_t r = r0; r < R; ++r) {
             const float* qsr = qs.data() + r * D;
-            float s = qm[r];
-            for (int i = 0; i < per; ++i) {
-              const int shift = i * bits;
-              const float* qi = qsr + i * span;
-              float part = 0.f;
-#pragma omp simd reduction(+ : part)
-              for (int64_t j = 0; j < span; ++j) part += qi[j] * static_cast<float>((codes[j] >> shift) & mask);
-              s += part;
-            }
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t c = 0; c < D; ++c) s += qsr[c] * cd[c];
+            s += qm[r];
             scores[r * L + t] = s;
             maxs[r] = std::max(maxs[r], s);
           }
@@ -374,22 +417,13 @@ static void kivi_kernel(const float* q, const uint8_t* kc, const uint8_t* vc, co
             continue;
           }
           const int64_t row = (blk * Hkv + h) * bs + o;
-          const uint8_t* codes = vc + row * RB;
-          const at::Half* sm = vst + row * G * 2;
+          decode_row(vc + row * RB, bits, D, grp, vst + row * G * 2, buf.data());  // dequantized, once
+          const float* vd = buf.data();
           for (int64_t r = r0; r < R; ++r) {
             const float p = scores[r * L + t];
             float* ar = acc.data() + r * D;
-            for (int i = 0; i < per; ++i) {
-              const int shift = i * bits;
-              for (int64_t k0 = 0; k0 < span; k0 += run) {
-                const int64_t c0 = i * span + k0, g = c0 / grp;
-                const float w = p * static_cast<float>(sm[2 * g]), m = p * static_cast<float>(sm[2 * g + 1]);
-                float* a = ar + c0;
-                const uint8_t* cb = codes + k0;
 #pragma omp simd
-                for (int64_t j = 0; j < run; ++j) a[j] += w * static_cast<float>((cb[j] >> shift) & mask) + m;
-              }
-            }
+            for (int64_t i = 0; i < D; ++i) ar[i] += p * vd[i];
           }
         }
       }
@@ -431,8 +465,6 @@ std::vector<torch::Tensor> kivi_paged_attention(torch::Tensor q, torch::Tensor k
   const int64_t Hkv = k_codes.size(1), bs = k_codes.size(2), G = v_stats.size(3);
   TORCH_CHECK(H % Hkv == 0 && k_codes.size(3) * 8 == D * bits && res_k.size(3) == D, "head layout mismatch");
   TORCH_CHECK(k_stats.size(2) == D && D % G == 0, "kivi stats shapes");
-  const int64_t span = D / (8 / bits), grp = D / G;
-  TORCH_CHECK(span % grp == 0 || grp % span == 0, "kivi: a value group must cover whole spans or lie in one");
   TORCH_CHECK(query_start_loc.size(0) == B + 1 && block_tables.size(0) == B, "one table and length per row");
   auto out = torch::empty_like(q);
   torch::Tensor lse = return_lse ? torch::empty({q.size(0), H}, q.options()) : torch::empty({0}, q.options());
