@@ -12,7 +12,7 @@ from test_spec import NGRAM, speculating
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.scheduler import ScheduledBatch, ScheduledSeq
-from tokenmill.kv.cache import KVCache, KVCacheSpec
+from tokenmill.kv.cache import KVCache, KVCacheSpec, dequantize_int4, int4_groups, quantize_int4
 from tokenmill.kv.kivi import (
     KiviState,
     dequantize_keys,
@@ -24,7 +24,7 @@ from tokenmill.kv.kivi import (
     unpack_codes,
 )
 from tokenmill.layers.attention import PagedAttention
-from tokenmill.layers.cpu_kernels import load_cpu_kernels
+from tokenmill.layers.cpu_kernels import ISA_LEVELS, load_cpu_kernels, supported_isas
 
 BITS = [2, 4]
 CPU = torch.device("cpu")
@@ -194,11 +194,11 @@ def test_written_tokens_read_back_within_the_quantization_step(bits):
 
 
 # ---- the packed attention kernel --------------------------------------------------------------------------
-def _kivi_rows_case(bits: int):
+def _kivi_rows_case(bits: int, d: int = 32):
     """A KIVI layer with sealed and open blocks, scattered block tables, decode and multi-query rows; with the
     same cache dequantized (open blocks: their residuals) for the reference."""
     g = torch.Generator().manual_seed(7)
-    num_blocks, bs, hkv, group, d = 40, 16, 2, 3, 32
+    num_blocks, bs, hkv, group = 40, 16, 2, 3
     spec = KVCacheSpec(1, hkv, d, bs, torch.float32, f"kivi{bits}")
     cache = KVCache(spec, num_blocks, CPU, residual_blocks=8)
     kv = cache.layer(0)
@@ -234,6 +234,34 @@ def test_kivi_paged_attention_equals_dequantize_then_attend(bits, kernel):
     ref_out, ref_lse = reference_rows(q, k_ref, v_ref, tables, seq_lens, qsl, group, d**-0.5)
     torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+LEVELS = [lv for lv in ISA_LEVELS if lv in supported_isas()]  # every code path this CPU runs
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("fmt", ["int4", "kivi4", "kivi2"])
+def test_packed_kernels_equal_dequantize_then_attend_at_every_level(level, fmt):
+    """The row decode's AVX-512, AVX2 and scalar paths (head_dim 48: vector loops and scalar tails)."""
+    kernels = load_cpu_kernels(level)
+    assert kernels is not None and kernels.cpu_isa() == level
+    if fmt == "int4":
+        q, k_cache, v_cache, tables, seq_lens, qsl, group = _kivi_rows_case(4, d=48)[:1] + _int4_case(48)
+        (kc, ks), (vc, vs) = (quantize_int4(x, int4_groups(48)) for x in (k_cache, v_cache))
+        out, lse = kernels.paged_attention(q, kc, vc, ks, vs, tables, seq_lens, qsl, 48**-0.5, True)
+        k_ref, v_ref = dequantize_int4(kc, ks), dequantize_int4(vc, vs)
+    else:
+        q, kv, k_ref, v_ref, tables, seq_lens, qsl, group = _kivi_rows_case(int(fmt[-1]), d=48)
+        attn = PagedAttention(q.shape[1], q.shape[1] // group, 48, kivi_kernel=kernels.kivi_paged_attention)
+        out, lse = attn.paged(q, kv, tables, seq_lens, qsl, return_lse=True)
+    ref_out, ref_lse = reference_rows(q, k_ref, v_ref, tables, seq_lens, qsl, group, 48**-0.5)
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+def _int4_case(d: int):
+    _, kv, k_ref, v_ref, tables, seq_lens, qsl, group = _kivi_rows_case(4, d)
+    return k_ref, v_ref, tables, seq_lens, qsl, group
 
 
 def test_kivi_kernel_adds_attention_scores_like_the_torch_path():
