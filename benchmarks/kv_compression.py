@@ -1,5 +1,5 @@
 """KV compression: how many long sequences a fixed KV budget holds, and decode speed at long context, per KV
-format (fp32 / int8 / int4) and eviction policy (issue 13, "Measure" 3).
+format (fp32 / int8 / int4 / kivi2 / kivi4) and eviction policy (issue 13, "Measure" 3).
 
 1. Capacity: `--capacity-seqs` prompts of `--context` tokens under a fixed `--capacity-memory`; reports the
    most sequences decoding at once (measured, by stepping the engine) next to what the format's capacity
@@ -10,7 +10,7 @@ format (fp32 / int8 / int4) and eviction policy (issue 13, "Measure" 3).
 
 One engine at a time, in this process, modes in the order given; run it on an otherwise idle machine.
 
-    .venv/bin/python benchmarks/kv_compression.py --modes auto,int8,int4,h2o:budget=0.25,snapkv:budget=0.25
+    .venv/bin/python benchmarks/kv_compression.py --modes auto,int8,int4,kivi4,kivi2,h2o:budget=0.25,snapkv:budget=0.25
 """
 
 from __future__ import annotations
@@ -45,11 +45,13 @@ def capacity(mode: str, n: int, context: int, memory: str, output_len: int) -> d
     policy = engine.config.kv_policy
     if policy.evicts:
         per_seq = policy.budget_tokens(context) + output_len + engine.config.block_size
+    per_seq = -(-per_seq // engine.config.block_size) * engine.config.block_size  # whole blocks
     return {
         "mode": mode,
         "kv_format": engine.kv_spec.format,
         "capacity_tokens": engine.kv_capacity_tokens,
-        "predicted_seqs": engine.kv_capacity_tokens // per_seq,
+        # KIVI: also at most one sequence per full-precision residual block (LLMEngine.max_num_seqs)
+        "predicted_seqs": min(engine.kv_capacity_tokens // per_seq, engine.max_num_seqs),
         "measured_concurrent_seqs": most,
         "preemptions": engine.scheduler.num_preemptions,
     }
@@ -84,7 +86,8 @@ def speed(mode: str, n: int, context: int, memory: str, output_len: int) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--modes", default="auto,int8,int4,h2o:budget=0.25,snapkv:budget=0.25,streaming:budget=0.25"
+        "--modes",
+        default="auto,int8,int4,kivi4,kivi2,h2o:budget=0.25,snapkv:budget=0.25,streaming:budget=0.25",
     )
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--output-len", type=int, default=32)

@@ -26,6 +26,8 @@ KV_CACHE_DTYPES = (
     "auto",
     "int8",
     "int4",
+    "kivi2",
+    "kivi4",
 )  # kv/cache.py implements them; listed here so config imports no layer
 KERNELS = ("auto", "torch", "cpp")  # which implementation of the model's ops runs
 CPU_ISAS = ("auto", "portable", "avx2", "avx512")  # which instruction set the C++ kernels are built for
@@ -111,9 +113,7 @@ class EngineConfig:
     cpu_isa: str = field(default_factory=default_cpu_isa)
     slo_tpot: float | None = None  # seconds per output token to keep steps within (engine/step_budget.py)
     slo_ttft: float | None = None  # seconds to first token that may raise a step's budget (step_budget.py)
-    kv_cache_dtype: str = (
-        "auto"  # auto (the activations' dtype) | int8 | int4: how K/V are stored (kv/cache.py)
-    )
+    kv_cache_dtype: str = "auto"  # auto (the activations' dtype) | int8 | int4 | kivi2 | kivi4: how K/V are stored (kv/cache.py)
     # default KV eviction policy of requests that name none (kv/policy.py): full | streaming:... | h2o:... |
     # snapkv:...
     kv_policy: KVPolicy | str = "full"

@@ -125,10 +125,11 @@ class EngineArgs:
             "--kv-cache-dtype",
             default=d.kv_cache_dtype,
             choices=KV_CACHE_DTYPES,
-            help="how K/V are stored: auto (the activations' dtype), int8 (one scale per token and head) or int4 "
-            "(an fp16 scale and min per group of 32); quantized on write and attended from the packed blocks, so "
-            "--kv-cache-memory holds ~3.8x (int8) or ~6.4x (int4) the tokens of fp32 "
-            f"(default: {d.kv_cache_dtype})",
+            help="how K/V are stored: auto (the activations' dtype), int8 (one scale per token and head), int4 "
+            "(an fp16 scale and min per group of 32), kivi4/kivi2 (KIVI: keys per channel over each full block, "
+            "values per token, the block being filled in full precision); quantized on write and attended from "
+            "the packed blocks, so --kv-cache-memory holds ~3.8x (int8), ~6.4x (int4), ~5.6x (kivi4) or ~8.7x "
+            f"(kivi2) the tokens of fp32 (default: {d.kv_cache_dtype})",
         )
         g.add_argument(
             "--kv-policy",

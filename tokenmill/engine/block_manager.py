@@ -9,6 +9,7 @@ prefix takes them back until they are evicted for reuse, least recently freed fi
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokenmill.engine.sequence import Sequence
@@ -34,7 +35,12 @@ class PrefixCacheStats:
 
 class BlockManager:
     def __init__(
-        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, extra_key: str = ""
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        extra_key: str = "",
+        on_free: Callable[[int], None] | None = None,
     ):
         if num_blocks < 1:
             raise ValueError("the KV cache must hold at least one block")
@@ -47,6 +53,9 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # prefix hash -> block id
         self.stats = PrefixCacheStats()
         self.peak_used_blocks = 0  # high-water mark, for benchmarks of how much a KV format/policy holds
+        # told each block whose ref count drops to zero (KVCache.release_block: a KIVI block still filling
+        # gives back its full-precision residual)
+        self.on_free = on_free
 
     # ---- queries -------------------------------------------------------------------------------
     @property
@@ -83,6 +92,8 @@ class BlockManager:
         assert block.ref_count >= 0, f"block {block_id} released more often than taken"
         if block.ref_count == 0:
             self.free_ids[block_id] = None  # most recently freed: evicted last
+            if self.on_free is not None:
+                self.on_free(block_id)
 
     def find_cached_prefix(self, seq: Sequence) -> tuple[list[int], list[int]]:
         """Blocks (and their hashes) that already hold a prefix of seq's tokens. At least one token

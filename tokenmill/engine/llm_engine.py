@@ -75,20 +75,43 @@ class LLMEngine:
             config.kv_cache_dtype,
         )
         self.kv_spec = spec
-        num_blocks = spec.blocks_for_memory(config.kv_cache_memory)
+        # KIVI keeps each running sequence's filling block in full precision: those residual blocks come out
+        # of the byte budget, and no more sequences run at once than there are of them.
+        residual = spec.residual_blocks_for(config.kv_cache_memory, config.max_num_seqs)
+        self.max_num_seqs = residual if spec.kivi_bits else config.max_num_seqs
+        if self.max_num_seqs < config.max_num_seqs:
+            logger.info(
+                "kv_cache_dtype=%s: %d full-precision residual blocks fit in 1/8 of kv_cache_memory; running at "
+                "most %d sequences at once (max_num_seqs=%d)",
+                spec.cache_dtype, residual, residual, config.max_num_seqs,
+            )  # fmt: skip
+        num_blocks = spec.blocks_for_memory(config.kv_cache_memory, residual)
         if num_blocks < 1:
             raise ValueError(
                 f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of {config.block_size} tokens "
-                f"({spec.bytes_per_block} bytes each)"
+                f"({spec.bytes_per_block} bytes each"
+                + (
+                    f", after {residual} residual blocks of {spec.residual_block_bytes} bytes"
+                    if residual
+                    else ""
+                )
+                + ")"
             )
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching, extra_key=spec.format
         )
-        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, self.max_num_seqs)
         self.step_budget = StepBudget(config.max_num_batched_tokens, config.slo_tpot, config.slo_ttft)
         # The C++ attention kernel reads only written slots, so its cache may start uninitialized (no
         # multi-GiB memset at start-up); the torch path attends over whole blocks under a mask and needs zeros.
-        kv_cache = KVCache(spec, num_blocks, config.torch_device, zero=loaded.model.kernels is None)
+        kv_cache = KVCache(
+            spec,
+            num_blocks,
+            config.torch_device,
+            zero=loaded.model.kernels is None,
+            residual_blocks=residual or None,
+        )
+        self.block_manager.on_free = kv_cache.release_block
         self.runner = ModelRunner(loaded.model, kv_cache, Sampler(self.tokenizer.eos_token_ids))
         self.kv_compressor = KVCompressor(kv_cache, self.block_manager)
         self.requests: dict[str, Request] = {}
@@ -124,7 +147,7 @@ class LLMEngine:
         from tokenmill.spec.layerskip import layerskip_proposer
 
         return layerskip_proposer(
-            self.runner.model, self.kv_spec, spec.skip_layers or (), num_blocks, c.max_num_seqs,
+            self.runner.model, self.kv_spec, spec.skip_layers or (), num_blocks, self.max_num_seqs,
             spec.num_speculative_tokens, c.torch_device,
         )  # fmt: skip
 

@@ -124,6 +124,7 @@ class ModelRunner:
                 logits_rows.append(start + j)
         dev = self.device
         meta = build_attention_metadata(rows, self.block_size, dev)
+        self.kv_cache.prepare_write(meta.slot_mapping)  # KIVI plans the step's writes once, for every layer
         if meta.wants_scores:  # KV eviction ranks tokens by the attention they get: the kernels add it here
             spec = self.kv_cache.spec
             longest = max(meta.seq_lens_host)

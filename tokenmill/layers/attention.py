@@ -157,8 +157,9 @@ class PagedAttention:
     The query heads that share one KV head are handled as rows of that KV head, so grouped-query attention
     never repeats K/V of the cache."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, kernel=None):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, kernel=None, kivi_kernel=None):
         self.kernel = kernel
+        self.kivi_kernel = kivi_kernel  # the C++ kivi_paged_attention, for KIVI caches (fp32)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -224,7 +225,14 @@ class PagedAttention:
     ):
         """Rows of a few queries each, read from the cache in place (packed formats too). Returns
         (out, lse or None); adds the rows' attention weights into `scores` where `score_from` asks."""
-        if self.kernel is not None:
+        if kv.kivi:
+            if self.kivi_kernel is not None and q.dtype == torch.float32 and kv.res_k.dtype == torch.float32:
+                out, lse = self.kivi_kernel(
+                    q, kv.k, kv.v, kv.k_scale, kv.v_scale, kv.res_k, kv.res_v, kv.open_slot, kv.kivi_bits,
+                    block_tables, seq_lens, query_start_loc, self.scale, return_lse, scores, score_from,
+                )  # fmt: skip
+                return out, (lse if return_lse else None)
+        elif self.kernel is not None:
             out, lse = self.kernel(
                 q,
                 kv.k,

@@ -93,18 +93,26 @@ class CppOps(TorchOps):
     def rope_write_kv(self, qkv, cos, sin, kv, slot_mapping, heads):
         if not self.fused:
             return super().rope_write_kv(qkv, cos, sin, kv, slot_mapping, heads)
-        self.module.rope_kv_write(
-            qkv,
-            cos,
-            sin,
-            kv.k,
-            kv.v,
-            kv.k_scale,
-            kv.v_scale,
-            slot_mapping,
-            heads.num_heads,
-            heads.num_kv_heads,
-        )
+        if kv.kivi:  # seal the blocks this step fills, residual rows for the rest (kv/kivi.py)
+            plan = kv.state.plan_for(slot_mapping)
+            kv.unseal(slot_mapping)
+            self.module.rope_kivi_write(
+                qkv, cos, sin, kv.k, kv.v, kv.k_scale, kv.v_scale, kv.res_k, kv.res_v, plan.res_rows,
+                plan.seal_blocks, plan.seal_src, heads.num_heads, heads.num_kv_heads, kv.kivi_bits,
+            )  # fmt: skip
+        else:
+            self.module.rope_kv_write(
+                qkv,
+                cos,
+                sin,
+                kv.k,
+                kv.v,
+                kv.k_scale,
+                kv.v_scale,
+                slot_mapping,
+                heads.num_heads,
+                heads.num_kv_heads,
+            )
         t, d = qkv.shape[0], heads.head_dim
         qk_size = heads.q_size + heads.kv_size
         q = qkv[:, : heads.q_size].view(t, heads.num_heads, d)

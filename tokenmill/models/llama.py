@@ -59,6 +59,7 @@ class LlamaModel:
             config.num_kv_heads,
             config.head_dim,
             kernel=self.kernels.paged_attention if self.kernels is not None else None,
+            kivi_kernel=self.kernels.kivi_paged_attention if self.kernels is not None else None,
         )
 
     # ---- weights -------------------------------------------------------------------------------

@@ -178,9 +178,16 @@ def load_draft_proposer(
         c.num_layers, c.num_kv_heads, c.head_dim, config.block_size, config.torch_dtype, config.kv_cache_dtype
     )
     blocks = draft_num_blocks(target_blocks, config.block_size, config.max_num_seqs, num_speculative_tokens)
-    kv = KVCache(spec, blocks, config.torch_device, zero=loaded.model.kernels is None)
+    kv = KVCache(
+        spec,
+        blocks,
+        config.torch_device,
+        zero=loaded.model.kernels is None,
+        residual_blocks=config.max_num_seqs,
+    )  # a KIVI draft cache: a residual block per shadow sequence
     cost = decode_weights(loaded.config) / decode_weights(target_config)
-    return DraftProposer(loaded.model, kv, BlockManager(blocks, config.block_size, False), prior_cost=cost)
+    bm = BlockManager(blocks, config.block_size, False, on_free=kv.release_block)
+    return DraftProposer(loaded.model, kv, bm, prior_cost=cost)
 
 
 def decode_weights(c: ModelConfig, num_layers: int | None = None) -> int:

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 class KeptLayersKV:
     """A KVCache of only the kept layers, addressed by the target's layer indices (what the model's forward
-    and the runner use of a cache: layer(i), block_size, device, copy_blocks)."""
+    and the runner use of a cache: layer(i), block_size, device, copy_blocks, prepare_write)."""
 
     def __init__(self, cache: KVCache, kept: list[int]):
         self.cache = cache
@@ -62,6 +62,9 @@ class KeptLayersKV:
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         self.cache.copy_blocks(pairs)
+
+    def prepare_write(self, slot_mapping: torch.Tensor) -> None:
+        self.cache.prepare_write(slot_mapping)
 
 
 def kept_layers(num_layers: int, skip: tuple[int, ...] | list[int]) -> list[int]:
@@ -97,8 +100,9 @@ def layerskip_proposer(
         target_spec.cache_dtype,
     )  # fmt: skip
     blocks = draft_num_blocks(target_blocks, target_spec.block_size, max_num_seqs, k)
-    kv = KeptLayersKV(KVCache(spec, blocks, device, zero=model.kernels is None), kept)
-    bm = BlockManager(blocks, target_spec.block_size, False)
+    cache = KVCache(spec, blocks, device, zero=model.kernels is None, residual_blocks=max_num_seqs)
+    kv = KeptLayersKV(cache, kept)
+    bm = BlockManager(blocks, target_spec.block_size, False, on_free=cache.release_block)
     return DraftProposer(model, kv, bm, layers=kept, prior_cost=layerskip_cost(model.config, len(kept)))  # type: ignore[arg-type]
 
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 // x += delta (when given), then returns weight * x / rms(x). x: [T, D] fp32, updated in place.
 torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor weight, double eps) {
@@ -157,6 +158,144 @@ void rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torc
           store_head(k, Dh, kf + r * Dh);
           store_head(v, Dh, vf + r * Dh);
         }
+      }
+    }
+  });
+}
+
+// ---- KIVI (kv/kivi.py) ----------------------------------------------------------------------------------
+// Codes: per = 8 / bits a byte; byte j of a token row holds channel j + i * span (span = D / per) at bit i * bits.
+static inline void pack_row(const uint8_t* codes, int64_t D, int bits, uint8_t* dst) {
+  const int per = 8 / bits;
+  const int64_t span = D / per;
+  for (int64_t j = 0; j < span; ++j) {
+    uint8_t b = 0;
+    for (int i = 0; i < per; ++i) b |= static_cast<uint8_t>(codes[i * span + j] << (i * bits));
+    dst[j] = b;
+  }
+}
+
+// fp16-rounded (scale, min) of [lo, hi] over `levels` steps and the code of x, as kv/kivi.py's _affine and
+// quantizers compute them (round half to even).
+static inline uint8_t affine_code(float x, float mf, float d, float levels) {
+  return static_cast<uint8_t>(std::max(0.f, std::min(levels, std::nearbyint((x - mf) / d))));
+}
+
+// Rotate q/k in place (as rope_kv_write), then for a KIVI cache: (1) seal the blocks this step completes —
+// gather each block's bs tokens per KV head (from this step's rotated rows, or from the residual rows the
+// block filled earlier), quantize the keys per channel and the values per token and group; (2) copy the
+// tokens of blocks still filling into their residual rows. Seals read residual rows before any is written,
+// so a residual a seal frees may take a new block's tokens in the same step.
+// qkv [T, (H + 2 Hkv) * D] fp32; codes [blocks, Hkv, bs, D * bits / 8] uint8; k_stats [blocks, Hkv, D, 2]
+// fp16; v_stats [blocks, Hkv, bs, G, 2] fp16; res [R, Hkv, bs, D] fp32; res_rows [T] int64 (r * bs + offset
+// or -1); seal_blocks [S] int64; seal_src [S, bs] int64 (token t >= 0, or -(residual row) - 1).
+void rope_kivi_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_codes,
+                     torch::Tensor v_codes, torch::Tensor k_stats, torch::Tensor v_stats, torch::Tensor res_k,
+                     torch::Tensor res_v, torch::Tensor res_rows, torch::Tensor seal_blocks, torch::Tensor seal_src,
+                     int64_t H, int64_t Hkv, int64_t bits) {
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.is_contiguous(), "qkv: contiguous fp32");
+  TORCH_CHECK(bits == 2 || bits == 4, "kivi: 2 or 4 bits");
+  for (auto* t : {&k_codes, &v_codes, &k_stats, &v_stats, &res_k, &res_v})
+    TORCH_CHECK(t->is_contiguous(), "kivi cache tensors must be contiguous");
+  TORCH_CHECK(k_codes.scalar_type() == at::kByte && v_codes.scalar_type() == at::kByte, "kivi codes: uint8");
+  TORCH_CHECK(k_stats.scalar_type() == at::kHalf && v_stats.scalar_type() == at::kHalf, "kivi stats: fp16");
+  TORCH_CHECK(res_k.scalar_type() == at::kFloat && res_v.scalar_type() == at::kFloat, "kivi residual: fp32");
+  cos = cos.contiguous(), sin = sin.contiguous();
+  res_rows = res_rows.to(torch::kLong).contiguous();
+  seal_blocks = seal_blocks.to(torch::kLong).contiguous();
+  seal_src = seal_src.to(torch::kLong).contiguous();
+  const int64_t T = qkv.size(0), D = res_k.size(3), half = D / 2, bs = k_codes.size(2), RB = k_codes.size(3);
+  const int64_t G = v_stats.size(3), grp = D / G, S = seal_blocks.numel();
+  TORCH_CHECK(RB * 8 == D * bits && D <= 512, "kivi codes: D * bits / 8 bytes a row, D <= 512");
+  TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D && cos.size(-1) == half, "qkv/cos shapes");
+  TORCH_CHECK(res_rows.numel() == T && (S == 0 || seal_src.size(1) == bs), "res_rows / seal_src shapes");
+  float* p = qkv.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  const int64_t W = qkv.size(1);
+  at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* row = p + t * W;
+      const float* c = cp + t * half;
+      const float* s = sp + t * half;
+      for (int64_t h = 0; h < H + Hkv; ++h) {
+        float* x = row + h * D;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = x[i], x2 = x[i + half];
+          x[i] = x1 * c[i] - x2 * s[i];
+          x[i + half] = x2 * c[i] + x1 * s[i];
+        }
+      }
+    }
+  });
+  uint8_t* kc = k_codes.data_ptr<uint8_t>();
+  uint8_t* vc = v_codes.data_ptr<uint8_t>();
+  at::Half* kst = k_stats.data_ptr<at::Half>();
+  at::Half* vst = v_stats.data_ptr<at::Half>();
+  float* rk = res_k.data_ptr<float>();
+  float* rv = res_v.data_ptr<float>();
+  const int64_t* sb = seal_blocks.data_ptr<int64_t>();
+  const int64_t* ss = seal_src.data_ptr<int64_t>();
+  const float levels = static_cast<float>((1 << bits) - 1);
+  at::parallel_for(0, S * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> kp(bs), vp(bs);
+    std::vector<uint8_t> codes(D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / Hkv, h = task % Hkv, blk = sb[i];
+      for (int64_t o = 0; o < bs; ++o) {
+        const int64_t src = ss[i * bs + o];
+        if (src >= 0) {
+          kp[o] = p + src * W + (H + h) * D;
+          vp[o] = p + src * W + (H + Hkv + h) * D;
+        } else {
+          const int64_t rrow = -src - 1, r = rrow / bs, ro = rrow % bs;
+          kp[o] = rk + ((r * Hkv + h) * bs + ro) * D;
+          vp[o] = rv + ((r * Hkv + h) * bs + ro) * D;
+        }
+      }
+      at::Half* st = kst + (blk * Hkv + h) * D * 2;
+      std::vector<float> mfs(D), ds(D);
+      for (int64_t c = 0; c < D; ++c) {  // keys: (scale, min) per channel over the block's tokens
+        float lo = kp[0][c], hi = kp[0][c];
+        for (int64_t o = 1; o < bs; ++o) lo = std::min(lo, kp[o][c]), hi = std::max(hi, kp[o][c]);
+        const at::Half sh = static_cast<at::Half>((hi - lo) / levels), mh = static_cast<at::Half>(lo);
+        st[2 * c] = sh;
+        st[2 * c + 1] = mh;
+        const float sf = static_cast<float>(sh);
+        mfs[c] = static_cast<float>(mh);
+        ds[c] = sf > 0.f ? sf : 1.f;
+      }
+      for (int64_t o = 0; o < bs; ++o) {
+        const int64_t row = (blk * Hkv + h) * bs + o;
+        for (int64_t c = 0; c < D; ++c) codes[c] = affine_code(kp[o][c], mfs[c], ds[c], levels);
+        pack_row(codes.data(), D, static_cast<int>(bits), kc + row * RB);
+        at::Half* vs = vst + row * G * 2;  // values: (scale, min) per token and group
+        const float* x = vp[o];
+        for (int64_t g = 0; g < G; ++g) {
+          const float* xg = x + g * grp;
+          float lo = xg[0], hi = xg[0];
+          for (int64_t e = 1; e < grp; ++e) lo = std::min(lo, xg[e]), hi = std::max(hi, xg[e]);
+          const at::Half sh = static_cast<at::Half>((hi - lo) / levels), mh = static_cast<at::Half>(lo);
+          vs[2 * g] = sh;
+          vs[2 * g + 1] = mh;
+          const float sf = static_cast<float>(sh), mf = static_cast<float>(mh), d = sf > 0.f ? sf : 1.f;
+          for (int64_t e = 0; e < grp; ++e) codes[g * grp + e] = affine_code(xg[e], mf, d, levels);
+        }
+        pack_row(codes.data(), D, static_cast<int>(bits), vc + row * RB);
+      }
+    }
+  });
+  const int64_t* rows = res_rows.data_ptr<int64_t>();
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t rrow = rows[t];
+      if (rrow < 0) continue;
+      const int64_t r = rrow / bs, o = rrow % bs;
+      const float* row = p + t * W;
+      for (int64_t h = 0; h < Hkv; ++h) {
+        std::memcpy(rk + ((r * Hkv + h) * bs + o) * D, row + (H + h) * D, D * sizeof(float));
+        std::memcpy(rv + ((r * Hkv + h) * bs + o) * D, row + (H + Hkv + h) * D, D * sizeof(float));
       }
     }
   });

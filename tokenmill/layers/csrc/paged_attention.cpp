@@ -17,16 +17,78 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+// The build's -m flags fix the instruction-set level (cpu_kernels.py), as in quant_linear.cpp.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#ifndef TM_AVX2
+#define TM_AVX2 1
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+#ifndef TM_AVX512
+#define TM_AVX512 1
+#endif
+#endif
+#endif
+
+// One packed row of `bits`-bit codes (byte j holds element j + i * span at bit i * bits, span = D * bits / 8;
+// int4's nibble layout is bits = 4) into D floats: the codes, or with `sm` (fp16 scale, min per group of `grp`
+// elements) the dequantized values. A task decodes each cached row once into this small buffer and reuses it
+// for every query row that reads it (the query heads of a KV head, a row's several queries), instead of
+// unpacking nibbles inside every dot product. AVX-512 / AVX2 widen 16 / 8 codes at a time; the scalar loop
+// is the portable path and the tail.
+static inline void decode_row(const uint8_t* bytes, int bits, int64_t D, int64_t grp, const at::Half* sm,
+                              float* out) {
+  const int per = 8 / bits, mask = (1 << bits) - 1;
+  const int64_t span = D / per;
+  for (int i = 0; i < per; ++i) {
+    const int shift = i * bits;
+    float* o = out + i * span;
+    int64_t j = 0;
+#ifdef TM_AVX512
+    {
+      const __m512i vm = _mm512_set1_epi32(mask);
+      const __m128i cnt = _mm_cvtsi32_si128(shift);
+      for (; j + 16 <= span; j += 16) {
+        __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + j)));
+        w = _mm512_and_si512(_mm512_srl_epi32(w, cnt), vm);
+        _mm512_storeu_ps(o + j, _mm512_cvtepi32_ps(w));
+      }
+    }
+#endif
+#ifdef TM_AVX2
+    {
+      const __m256i vm = _mm256_set1_epi32(mask);
+      const __m128i cnt = _mm_cvtsi32_si128(shift);
+      for (; j + 8 <= span; j += 8) {
+        __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + j)));
+        w = _mm256_and_si256(_mm256_srl_epi32(w, cnt), vm);
+        _mm256_storeu_ps(o + j, _mm256_cvtepi32_ps(w));
+      }
+    }
+#endif
+    for (; j < span; ++j) o[j] = static_cast<float>((bytes[j] >> shift) & mask);
+  }
+  if (sm == nullptr) return;
+  for (int64_t g = 0; g < D / grp; ++g) {
+    const float s = static_cast<float>(sm[2 * g]), m = static_cast<float>(sm[2 * g + 1]);
+    float* o = out + g * grp;
+#pragma omp simd
+    for (int64_t e = 0; e < grp; ++e) o[e] = o[e] * s + m;
+  }
+}
 
 // T: the queries' (and output's) type; C: the cache's element type. An int8 cache comes with one fp32 scale
 // per (token, head) for K (ks) and V (vs), applied to whole dot products and to each softmax weight, so the
 // packed blocks are read in place and never dequantized into a copy. An int4 cache (C = uint8_t) packs two
 // codes per byte (byte j: element j in the low nibble, element j + D/2 in the high one) with an fp16
-// (scale, min) pair per group of `D / G` elements: a dot product is sum_g scale_g * (q_g . codes_g) +
-// min_g * sum(q_g), and a value row is added group by group as p * scale_g * code + p * min_g.
+// (scale, min) pair per group of `D / G` elements: each K or V row is dequantized (decode_row, vectorized) into
+// a D-float buffer once and used by every query row of the task.
 template <typename T, typename C>
 static void attention_kernel(const T* q, const C* kc, const C* vc, const void* ks_, const void* vs_, int64_t G,
                              const int64_t* tables, const int64_t* lens, const int64_t* qsl, T* out, float* lse,
@@ -37,10 +99,10 @@ static void attention_kernel(const T* q, const C* kc, const C* vc, const void* k
   const float* vs = int4 ? nullptr : static_cast<const float*>(vs_);
   const at::Half* ksm = int4 ? static_cast<const at::Half*>(ks_) : nullptr;
   const at::Half* vsm = int4 ? static_cast<const at::Half*>(vs_) : nullptr;
-  const int64_t NG = int4 ? G : 1, grp = D / NG, halfD = D / 2, row_elems = int4 ? D / 2 : D;
+  const int64_t NG = int4 ? G : 1, grp = D / NG, row_elems = int4 ? D / 2 : D;
   const int64_t QG = H / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf, acc, maxs, sums, qsum;
+    std::vector<float> scores, qf, acc, maxs, sums, kv(D);
     std::vector<int64_t> visible;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
@@ -62,28 +124,18 @@ static void attention_kernel(const T* q, const C* kc, const C* vc, const void* k
           for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<float>(src[i]) * scale;
           visible[j * QG + g] = first + j + 1;
         }
-      if constexpr (int4) {  // per-group sums of each query row, for the min terms
-        qsum.assign(R * NG, 0.f);
-        for (int64_t r = 0; r < R; ++r)
-          for (int64_t g = 0; g < NG; ++g)
-            for (int64_t i = 0; i < grp; ++i) qsum[r * NG + g] += qf[r * D + g * grp + i];
-      }
       for (int64_t t = 0; t < L; ++t) {
         const int64_t row = (table[t / bs] * Hkv + h) * bs + t % bs;
         const C* k = kc + row * row_elems;
         const int64_t r0 = t < first ? 0 : (t - first) * QG;  // rows whose query sees key t
         if constexpr (int4) {
-          const at::Half* sm = ksm + row * NG * 2;
+          decode_row(k, 4, D, grp, ksm + row * NG * 2, kv.data());  // dequantized once for all rows
+          const float* kd = kv.data();
           for (int64_t r = r0; r < R; ++r) {
             const float* qr = qf.data() + r * D;
             float s = 0.f;
-            for (int64_t g = 0; g < NG; ++g) {
-              const int64_t e0 = g * grp, b0 = e0 % halfD, shift = e0 >= halfD ? 4 : 0;
-              float part = 0.f;
-#pragma omp simd reduction(+ : part)
-              for (int64_t i = 0; i < grp; ++i) part += qr[e0 + i] * static_cast<float>((k[b0 + i] >> shift) & 15);
-              s += static_cast<float>(sm[2 * g]) * part + static_cast<float>(sm[2 * g + 1]) * qsum[r * NG + g];
-            }
+#pragma omp simd reduction(+ : s)
+            for (int64_t i = 0; i < D; ++i) s += qr[i] * kd[i];
             scores[r * L + t] = s;
             maxs[r] = std::max(maxs[r], s);
           }
@@ -128,16 +180,13 @@ static void attention_kernel(const T* q, const C* kc, const C* vc, const void* k
         const C* v = vc + row * row_elems;
         const int64_t r0 = t < first ? 0 : (t - first) * QG;
         if constexpr (int4) {
-          const at::Half* sm = vsm + row * NG * 2;
+          decode_row(v, 4, D, grp, vsm + row * NG * 2, kv.data());
+          const float* vd = kv.data();
           for (int64_t r = r0; r < R; ++r) {
             const float p = scores[r * L + t];
             float* ar = acc.data() + r * D;
-            for (int64_t g = 0; g < NG; ++g) {
-              const int64_t e0 = g * grp, b0 = e0 % halfD, shift = e0 >= halfD ? 4 : 0;
-              const float w = p * static_cast<float>(sm[2 * g]), m = p * static_cast<float>(sm[2 * g + 1]);
 #pragma omp simd
-              for (int64_t i = 0; i < grp; ++i) ar[e0 + i] += w * static_cast<float>((v[b0 + i] >> shift) & 15) + m;
-            }
+            for (int64_t i = 0; i < D; ++i) ar[i] += p * vd[i];
           }
         } else {
           const float v_scale = vs != nullptr ? vs[row] : 1.f;
@@ -241,5 +290,205 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
                                          query_start_loc.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), lse_ptr, score_ptr,
                                          score_from_ptr, score_len, B, H, Hkv, D, bs, block_tables.size(1), static_cast<float>(scale));
   });
+  return {out, lse};
+}
+
+// ---- KIVI (kv/kivi.py) ------------------------------------------------------------------------------------
+// Blocks still filling (open_slot[block] = r >= 0) are read in full precision from residual r. A sealed block's
+// keys are quantized per channel c with (s_c, m_c), so q . k_t = sum_c (q_c s_c) code_tc + sum_c q_c m_c: per
+// block and query row, q * s and q . m are computed once; each key's codes are unpacked once (decode_row) and
+// dotted with every row's q * s. Values are per token and group: each value row is dequantized once and added
+// to every row's accumulator.
+static void kivi_kernel(const float* q, const uint8_t* kc, const uint8_t* vc, const at::Half* kst,
+                        const at::Half* vst, const float* rk, const float* rv, const int32_t* open_slot, int bits,
+                        int64_t G, const int64_t* tables, const int64_t* lens, const int64_t* qsl, float* out,
+                        float* lse, float* score_out, const int64_t* score_from, int64_t score_len, int64_t B,
+                        int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float scale) {
+  const int64_t RB = D * bits / 8, grp = D / G;
+  const int64_t QG = H / Hkv;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, qf, qs, qm, acc, maxs, sums, buf(D);
+    std::vector<int64_t> visible;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, h = task % Hkv;
+      const int64_t L = lens[b], q0 = qsl[b], n = qsl[b + 1] - q0;
+      if (n <= 0) continue;
+      const int64_t R = n * QG, first = L - n;
+      const int64_t* table = tables + b * max_blocks;
+      scores.resize(R * L);
+      qf.resize(R * D);
+      qs.resize(R * D);
+      qm.resize(R);
+      acc.assign(R * D, 0.f);
+      maxs.assign(R, -std::numeric_limits<float>::infinity());
+      sums.assign(R, 0.f);
+      visible.resize(R);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t g = 0; g < QG; ++g) {
+          const float* src = q + ((q0 + j) * H + h * QG + g) * D;
+          float* dst = qf.data() + (j * QG + g) * D;
+          for (int64_t i = 0; i < D; ++i) dst[i] = src[i] * scale;
+          visible[j * QG + g] = first + j + 1;
+        }
+      const int64_t nblocks = (L + bs - 1) / bs;
+      for (int64_t bi = 0; bi < nblocks; ++bi) {
+        const int64_t blk = table[bi], t0 = bi * bs, tn = std::min(bs, L - t0);
+        const int32_t r_open = open_slot[blk];
+        if (r_open >= 0) {
+          for (int64_t o = 0; o < tn; ++o) {
+            const int64_t t = t0 + o;
+            const float* k = rk + ((static_cast<int64_t>(r_open) * Hkv + h) * bs + o) * D;
+            const int64_t r0 = t < first ? 0 : (t - first) * QG;
+            for (int64_t r = r0; r < R; ++r) {
+              const float* qr = qf.data() + r * D;
+              float s = 0.f;
+#pragma omp simd reduction(+ : s)
+              for (int64_t i = 0; i < D; ++i) s += qr[i] * k[i];
+              scores[r * L + t] = s;
+              maxs[r] = std::max(maxs[r], s);
+            }
+          }
+          continue;
+        }
+        const at::Half* st = kst + (blk * Hkv + h) * D * 2;
+        const int64_t rb0 = t0 < first ? 0 : (t0 - first) * QG;  // rows that see a key of this block
+        for (int64_t r = rb0; r < R; ++r) {
+          const float* qr = qf.data() + r * D;
+          float* qsr = qs.data() + r * D;
+          float m = 0.f;
+          for (int64_t c = 0; c < D; ++c) {
+            qsr[c] = qr[c] * static_cast<float>(st[2 * c]);
+            m += qr[c] * static_cast<float>(st[2 * c + 1]);
+          }
+          qm[r] = m;
+        }
+        for (int64_t o = 0; o < tn; ++o) {
+          const int64_t t = t0 + o;
+          decode_row(kc + ((blk * Hkv + h) * bs + o) * RB, bits, D, D, nullptr, buf.data());  // codes, once
+          const float* cd = buf.data();
+          const int64_t r0 = t < first ? 0 : (t - first) * QG;
+          for (int64_t r = r0; r < R; ++r) {
+            const float* qsr = qs.data() + r * D;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t c = 0; c < D; ++c) s += qsr[c] * cd[c];
+            s += qm[r];
+            scores[r * L + t] = s;
+            maxs[r] = std::max(maxs[r], s);
+          }
+        }
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        float* sr = scores.data() + r * L;
+        const float m = maxs[r];
+        const int64_t vis = visible[r];
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < vis; ++t) {
+          sr[t] = std::exp(sr[t] - m);
+          sum += sr[t];
+        }
+        sums[r] = sum;
+      }
+      if (score_out != nullptr && score_from[b] >= 0) {
+        float* dst = score_out + (b * Hkv + h) * score_len;
+        for (int64_t r = score_from[b] * QG; r < R; ++r) {
+          const float* sr = scores.data() + r * L;
+          const float inv = 1.f / sums[r];
+          const int64_t vis = visible[r];
+#pragma omp simd
+          for (int64_t t = 0; t < vis; ++t) dst[t] += sr[t] * inv;
+        }
+      }
+      for (int64_t bi = 0; bi < nblocks; ++bi) {
+        const int64_t blk = table[bi], t0 = bi * bs, tn = std::min(bs, L - t0);
+        const int32_t r_open = open_slot[blk];
+        for (int64_t o = 0; o < tn; ++o) {
+          const int64_t t = t0 + o;
+          const int64_t r0 = t < first ? 0 : (t - first) * QG;
+          if (r_open >= 0) {
+            const float* v = rv + ((static_cast<int64_t>(r_open) * Hkv + h) * bs + o) * D;
+            for (int64_t r = r0; r < R; ++r) {
+              const float p = scores[r * L + t];
+              float* ar = acc.data() + r * D;
+#pragma omp simd
+              for (int64_t i = 0; i < D; ++i) ar[i] += p * v[i];
+            }
+            continue;
+          }
+          const int64_t row = (blk * Hkv + h) * bs + o;
+          decode_row(vc + row * RB, bits, D, grp, vst + row * G * 2, buf.data());  // dequantized, once
+          const float* vd = buf.data();
+          for (int64_t r = r0; r < R; ++r) {
+            const float p = scores[r * L + t];
+            float* ar = acc.data() + r * D;
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) ar[i] += p * vd[i];
+          }
+        }
+      }
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t g = 0; g < QG; ++g) {
+          const int64_t r = j * QG + g, head = h * QG + g;
+          float* dst = out + ((q0 + j) * H + head) * D;
+          const float inv = 1.f / sums[r];
+          for (int64_t i = 0; i < D; ++i) dst[i] = acc[r * D + i] * inv;
+          if (lse != nullptr) lse[(q0 + j) * H + head] = maxs[r] + std::log(sums[r]);
+        }
+    }
+  });
+}
+
+// q [T, H, D] fp32; k_codes, v_codes [blocks, Hkv, bs, D * bits / 8] uint8; k_stats [blocks, Hkv, D, 2] fp16;
+// v_stats [blocks, Hkv, bs, G, 2] fp16; res_k, res_v [R, Hkv, bs, D] fp32; open_slot [blocks] int32; the rest
+// as paged_attention.
+std::vector<torch::Tensor> kivi_paged_attention(torch::Tensor q, torch::Tensor k_codes, torch::Tensor v_codes,
+                                                torch::Tensor k_stats, torch::Tensor v_stats, torch::Tensor res_k,
+                                                torch::Tensor res_v, torch::Tensor open_slot, int64_t bits,
+                                                torch::Tensor block_tables, torch::Tensor seq_lens,
+                                                torch::Tensor query_start_loc, double scale, bool return_lse,
+                                                c10::optional<torch::Tensor> scores,
+                                                c10::optional<torch::Tensor> score_from) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat, "kivi_paged_attention: q fp32 [T, H, D]");
+  TORCH_CHECK(bits == 2 || bits == 4, "kivi: 2 or 4 bits");
+  for (auto* t : {&k_codes, &v_codes, &k_stats, &v_stats, &res_k, &res_v, &open_slot})
+    TORCH_CHECK(t->is_contiguous(), "kivi cache tensors must be contiguous");
+  TORCH_CHECK(k_codes.scalar_type() == at::kByte && v_codes.scalar_type() == at::kByte, "kivi codes: uint8");
+  TORCH_CHECK(k_stats.scalar_type() == at::kHalf && v_stats.scalar_type() == at::kHalf, "kivi stats: fp16");
+  TORCH_CHECK(res_k.scalar_type() == at::kFloat && res_v.scalar_type() == at::kFloat, "kivi residual: fp32");
+  TORCH_CHECK(open_slot.scalar_type() == at::kInt && open_slot.numel() == k_codes.size(0), "open_slot: int32 [blocks]");
+  q = q.contiguous();
+  block_tables = block_tables.to(torch::kLong).contiguous();
+  seq_lens = seq_lens.to(torch::kLong).contiguous();
+  query_start_loc = query_start_loc.to(torch::kLong).contiguous();
+  const int64_t B = seq_lens.size(0), H = q.size(1), D = q.size(2);
+  const int64_t Hkv = k_codes.size(1), bs = k_codes.size(2), G = v_stats.size(3);
+  TORCH_CHECK(H % Hkv == 0 && k_codes.size(3) * 8 == D * bits && res_k.size(3) == D, "head layout mismatch");
+  TORCH_CHECK(k_stats.size(2) == D && D % G == 0, "kivi stats shapes");
+  TORCH_CHECK(query_start_loc.size(0) == B + 1 && block_tables.size(0) == B, "one table and length per row");
+  auto out = torch::empty_like(q);
+  torch::Tensor lse = return_lse ? torch::empty({q.size(0), H}, q.options()) : torch::empty({0}, q.options());
+  float* score_ptr = nullptr;
+  const int64_t* score_from_ptr = nullptr;
+  int64_t score_len = 0;
+  torch::Tensor score_from_c;
+  if (scores.has_value()) {
+    TORCH_CHECK(score_from.has_value(), "scores need score_from");
+    TORCH_CHECK(scores->scalar_type() == at::kFloat && scores->is_contiguous() && scores->dim() == 3 &&
+                    scores->size(0) == B && scores->size(1) == Hkv,
+                "scores: contiguous fp32 [rows, Hkv, max_len]");
+    TORCH_CHECK(B == 0 || scores->size(2) >= seq_lens.max().item<int64_t>(), "scores: too short for seq_lens");
+    score_from_c = score_from->to(torch::kLong).contiguous();
+    TORCH_CHECK(score_from_c.numel() == B, "score_from: one entry per row");
+    score_ptr = scores->data_ptr<float>();
+    score_from_ptr = score_from_c.data_ptr<int64_t>();
+    score_len = scores->size(2);
+  }
+  kivi_kernel(q.data_ptr<float>(), k_codes.data_ptr<uint8_t>(), v_codes.data_ptr<uint8_t>(),
+              k_stats.data_ptr<at::Half>(), v_stats.data_ptr<at::Half>(), res_k.data_ptr<float>(),
+              res_v.data_ptr<float>(), open_slot.data_ptr<int32_t>(), static_cast<int>(bits), G,
+              block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), query_start_loc.data_ptr<int64_t>(),
+              out.data_ptr<float>(), return_lse ? lse.data_ptr<float>() : nullptr, score_ptr, score_from_ptr,
+              score_len, B, H, Hkv, D, bs, block_tables.size(1), static_cast<float>(scale));
   return {out, lse};
 }
