@@ -17,7 +17,7 @@ from tokenmill.layers.quantization import W8A8_OUTLIER, PackedWeight, dequantize
 # Below this many activation rows the kernel decodes each weight block in registers for every row (a step
 # reads the quantized bytes once); from it on, weights are decoded a tile at a time for torch's GEMM.
 GEMM_MIN_ROWS = 32
-GEMM_TILE_BYTES = 1 << 20
+GEMM_TILE_BYTES = 16 << 20  # fp32 weight rows decoded per GEMM: every layer but a large vocabulary's at once
 
 
 @dataclass(frozen=True)

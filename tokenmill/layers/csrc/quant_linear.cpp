@@ -485,17 +485,23 @@ torch::Tensor quant_linear(torch::Tensor x, const torch::Tensor& codes, const to
     gemv_rows<Q4>(x.data_ptr<float>(), M, K, c, s, m, N, y.data_ptr<float>(), fp32_rows);
     return y.view(shape);
   }
-  // GEMM path: compute y^T one weight tile at a time, so the decoded tile stays in cache.
+  // GEMM path: decode a tile of weight rows (all of them when they fit in tile_bytes) to fp32 and multiply
+  // with torch's GEMM as y = x @ tile^T, written straight into y when one tile covers the weight. (Computing
+  // y^T = tile @ x^T per cache-sized tile instead ran at 60% of this on Sapphire Rapids: the decode is cheap,
+  // the transposed GEMM is not.)
   const int64_t tile = std::max<int64_t>(16, std::min<int64_t>(N, tile_bytes / (K * 4)));
   auto buf = torch::empty({tile, K}, x.options());
-  auto yt = torch::empty({N, M}, x.options());
+  if (tile == N) {
+    decode_rows<Q4>(c, s, m, K, 0, N, buf.data_ptr<float>());
+    return at::mm(x, buf.t()).view(shape);
+  }
+  auto y = torch::empty({M, N}, x.options());
   for (int64_t n0 = 0; n0 < N; n0 += tile) {
     const int64_t n1 = std::min(N, n0 + tile);
     decode_rows<Q4>(c, s, m, K, n0, n1, buf.data_ptr<float>());
-    auto out = yt.narrow(0, n0, n1 - n0);
-    at::mm_out(out, buf.narrow(0, 0, n1 - n0), x.t());
+    y.narrow(1, n0, n1 - n0).copy_(at::mm(x, buf.narrow(0, 0, n1 - n0).t()));
   }
-  return yt.t().contiguous().view(shape);
+  return y.view(shape);
 }
 
 }  // namespace
