@@ -216,6 +216,32 @@ static void attention_kernel(const T* q, const C* kc, const C* vc, const void* k
 // (>= the row's query count); query_start_loc [B + 1] int64, rows of q in order. Returns (out [T, H, D],
 // lse [T, H] fp32, empty unless return_lse). Rows of q outside every range stay uninitialized.
 // scores [B, Hkv, >= max seq_len] fp32 (optional, accumulated into) with score_from [B] int64: see above.
+// The optional attention-score output of both kernels, checked: [rows, Hkv, >= max seq_len] fp32 plus a
+// per-row first query index that scores (eviction policies, see kv/eviction.py).
+struct ScoreArgs {
+  float* ptr = nullptr;
+  const int64_t* from = nullptr;
+  int64_t len = 0;
+  torch::Tensor from_c;  // keeps `from` alive
+};
+
+static ScoreArgs check_scores(const c10::optional<torch::Tensor>& scores, const c10::optional<torch::Tensor>& score_from,
+                              int64_t B, int64_t Hkv, const torch::Tensor& seq_lens) {
+  ScoreArgs a;
+  if (!scores.has_value()) return a;
+  TORCH_CHECK(score_from.has_value(), "scores need score_from");
+  TORCH_CHECK(scores->scalar_type() == at::kFloat && scores->is_contiguous() && scores->dim() == 3 &&
+                  scores->size(0) == B && scores->size(1) == Hkv,
+              "scores: contiguous fp32 [rows, Hkv, max_len]");
+  TORCH_CHECK(B == 0 || scores->size(2) >= seq_lens.max().item<int64_t>(), "scores: too short for seq_lens");
+  a.from_c = score_from->to(torch::kLong).contiguous();
+  TORCH_CHECK(a.from_c.numel() == B, "score_from: one entry per row");
+  a.ptr = scores->data_ptr<float>();
+  a.from = a.from_c.data_ptr<int64_t>();
+  a.len = scores->size(2);
+  return a;
+}
+
 std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                            c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
                                            torch::Tensor block_tables, torch::Tensor seq_lens,
@@ -241,22 +267,10 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
   torch::Tensor lse = return_lse ? torch::empty({q.size(0), H}, q.options().dtype(torch::kFloat))
                                  : torch::empty({0}, q.options().dtype(torch::kFloat));
   float* lse_ptr = return_lse ? lse.data_ptr<float>() : nullptr;
-  float* score_ptr = nullptr;
-  const int64_t* score_from_ptr = nullptr;
-  int64_t score_len = 0;
-  torch::Tensor score_from_c;
-  if (scores.has_value()) {
-    TORCH_CHECK(score_from.has_value(), "scores need score_from");
-    TORCH_CHECK(scores->scalar_type() == at::kFloat && scores->is_contiguous() && scores->dim() == 3 &&
-                    scores->size(0) == B && scores->size(1) == Hkv,
-                "scores: contiguous fp32 [rows, Hkv, max_len]");
-    TORCH_CHECK(B == 0 || scores->size(2) >= seq_lens.max().item<int64_t>(), "scores: too short for seq_lens");
-    score_from_c = score_from->to(torch::kLong).contiguous();
-    TORCH_CHECK(score_from_c.numel() == B, "score_from: one entry per row");
-    score_ptr = scores->data_ptr<float>();
-    score_from_ptr = score_from_c.data_ptr<int64_t>();
-    score_len = scores->size(2);
-  }
+  const ScoreArgs score_args = check_scores(scores, score_from, B, Hkv, seq_lens);
+  float* score_ptr = score_args.ptr;
+  const int64_t* score_from_ptr = score_args.from;
+  const int64_t score_len = score_args.len;
   if (int4) {
     torch::Tensor ks = k_scale->contiguous(), vs = v_scale->contiguous();
     TORCH_CHECK(ks.scalar_type() == at::kHalf && vs.scalar_type() == at::kHalf && ks.dim() == 5 && ks.size(4) == 2 &&
@@ -468,22 +482,10 @@ std::vector<torch::Tensor> kivi_paged_attention(torch::Tensor q, torch::Tensor k
   TORCH_CHECK(query_start_loc.size(0) == B + 1 && block_tables.size(0) == B, "one table and length per row");
   auto out = torch::empty_like(q);
   torch::Tensor lse = return_lse ? torch::empty({q.size(0), H}, q.options()) : torch::empty({0}, q.options());
-  float* score_ptr = nullptr;
-  const int64_t* score_from_ptr = nullptr;
-  int64_t score_len = 0;
-  torch::Tensor score_from_c;
-  if (scores.has_value()) {
-    TORCH_CHECK(score_from.has_value(), "scores need score_from");
-    TORCH_CHECK(scores->scalar_type() == at::kFloat && scores->is_contiguous() && scores->dim() == 3 &&
-                    scores->size(0) == B && scores->size(1) == Hkv,
-                "scores: contiguous fp32 [rows, Hkv, max_len]");
-    TORCH_CHECK(B == 0 || scores->size(2) >= seq_lens.max().item<int64_t>(), "scores: too short for seq_lens");
-    score_from_c = score_from->to(torch::kLong).contiguous();
-    TORCH_CHECK(score_from_c.numel() == B, "score_from: one entry per row");
-    score_ptr = scores->data_ptr<float>();
-    score_from_ptr = score_from_c.data_ptr<int64_t>();
-    score_len = scores->size(2);
-  }
+  const ScoreArgs score_args = check_scores(scores, score_from, B, Hkv, seq_lens);
+  float* score_ptr = score_args.ptr;
+  const int64_t* score_from_ptr = score_args.from;
+  const int64_t score_len = score_args.len;
   kivi_kernel(q.data_ptr<float>(), k_codes.data_ptr<uint8_t>(), v_codes.data_ptr<uint8_t>(),
               k_stats.data_ptr<at::Half>(), v_stats.data_ptr<at::Half>(), res_k.data_ptr<float>(),
               res_v.data_ptr<float>(), open_slot.data_ptr<int32_t>(), static_cast<int>(bits), G,
