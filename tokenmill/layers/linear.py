@@ -38,7 +38,7 @@ class QuantKernelPlan:
 def plan_for(isa: str, vendor: str) -> QuantKernelPlan:
     """The plan measured fastest for a kernel level on a CPU vendor (benchmarks/isa_quant.py).
 
-    Sapphire Rapids (avx512, GenuineIntel): the fp32 rows run 1.6-2.3x faster than int16 from 4 to 31 rows
+    Sapphire Rapids (avx512, GenuineIntel): the fp32 rows run 1.1-1.6x faster than int16 at 4 rows, 1.5-2.4x from 8
     and beat the tile GEMM below 24 rows. Zen 4 runs 512-bit vectors at half rate, where 512-bit int16
     variants lost to AVX2; the fp32 rows are unmeasured there, so AMD keeps the int16 path.
     """
