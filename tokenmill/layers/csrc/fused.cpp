@@ -81,6 +81,21 @@ static inline void store_head(const float* x, int64_t Dh, int64_t G, uint8_t* ds
 // written to their cache slots (slot = block * block_size + offset; a negative slot is not written).
 // cos, sin: [T, Dh / 2]. Caches: [blocks, Hkv, block_size, Dh], fp32, or int8 with k_scale, v_scale
 // [blocks, Hkv, block_size] fp32 (quantize on write).
+// Rotary embedding in place on the first `heads` heads of a token's qkv row (the q and k heads), each of
+// width Dh, its two halves rotated by the token's cos/sin (Dh / 2 values each).
+inline void rotate_heads(float* row, const float* c, const float* s, int64_t heads, int64_t Dh) {
+  const int64_t half = Dh / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* x = row + h * Dh;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = x[i], x2 = x[i + half];
+      x[i] = x1 * c[i] - x2 * s[i];
+      x[i + half] = x2 * c[i] + x1 * s[i];
+    }
+  }
+}
+
 void rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
                    torch::Tensor v_cache, c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale,
                    torch::Tensor slot_mapping, int64_t H, int64_t Hkv) {
@@ -130,17 +145,7 @@ void rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torc
   at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       float* row = p + t * W;
-      const float* c = cp + t * half;
-      const float* s = sp + t * half;
-      for (int64_t h = 0; h < H + Hkv; ++h) {
-        float* x = row + h * Dh;
-#pragma omp simd
-        for (int64_t i = 0; i < half; ++i) {
-          const float x1 = x[i], x2 = x[i + half];
-          x[i] = x1 * c[i] - x2 * s[i];
-          x[i + half] = x2 * c[i] + x1 * s[i];
-        }
-      }
+      rotate_heads(row, cp + t * half, sp + t * half, H + Hkv, Dh);
       const int64_t slot = slots[t];
       if (slot < 0) continue;
       const int64_t base = (slot / bs) * Hkv * bs + slot % bs;
@@ -216,17 +221,7 @@ void rope_kivi_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, to
   at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       float* row = p + t * W;
-      const float* c = cp + t * half;
-      const float* s = sp + t * half;
-      for (int64_t h = 0; h < H + Hkv; ++h) {
-        float* x = row + h * D;
-#pragma omp simd
-        for (int64_t i = 0; i < half; ++i) {
-          const float x1 = x[i], x2 = x[i + half];
-          x[i] = x1 * c[i] - x2 * s[i];
-          x[i + half] = x2 * c[i] + x1 * s[i];
-        }
-      }
+      rotate_heads(row, cp + t * half, sp + t * half, H + Hkv, D);
     }
   });
   uint8_t* kc = k_codes.data_ptr<uint8_t>();
