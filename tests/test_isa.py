@@ -13,6 +13,7 @@ from tokenmill.layers import cpu_kernels
 from tokenmill.layers.cpu_kernels import (
     ISA_LEVELS,
     UnsupportedISAError,
+    build_directory,
     build_name,
     detect_isa,
     kernel_info,
@@ -100,6 +101,16 @@ def both():
     built = {level: load_cpu_kernels(level) for level in LEVELS}
     assert all(k is not None for k in built.values())
     return built
+
+
+def test_each_checkout_builds_in_its_own_folder(monkeypatch, tmp_path):
+    """torch keys builds by name alone: a second checkout must not share (and keep rebuilding) this one's."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    here = build_directory("avx2")
+    assert here.parent == tmp_path and here.name.startswith(build_name("avx2") + "-")
+    assert build_directory("avx2") == here != build_directory("portable")
+    monkeypatch.setattr(cpu_kernels, "_SOURCES", ["/another/checkout/csrc/fused.cpp"])
+    assert build_directory("avx2") != here
 
 
 def test_build_is_named_after_its_level(level_kernels):

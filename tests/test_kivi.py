@@ -15,6 +15,7 @@ from tokenmill.engine.scheduler import ScheduledBatch, ScheduledSeq
 from tokenmill.kv.cache import KVCache, KVCacheSpec, dequantize_int4, int4_groups, quantize_int4
 from tokenmill.kv.kivi import (
     KiviState,
+    KiviWindow,
     dequantize_keys,
     dequantize_values,
     kivi_value_group,
@@ -85,8 +86,16 @@ def test_bytes_per_block_count_codes_and_stats():
     assert spec.residual_block_bytes == fp32.bytes_per_block
     assert spec.blocks_for_memory(2**30, 10) == (2**30 - 10 * fp32.bytes_per_block) // spec.bytes_per_block
     assert spec.residual_blocks_for(2**30, 128) == 128
-    assert spec.residual_blocks_for(8 * 5 * fp32.bytes_per_block, 128) == 5  # within 1/8 of the budget
+    assert spec.residual_blocks_for(4 * 5 * fp32.bytes_per_block, 128) == 5  # within 1/4 of the budget
     assert fp32.residual_blocks_for(2**30, 128) == 0
+    # a window of 40 tokens (3 blocks) and 1 sink token (1 block): 5 residual blocks per sequence, whole ones
+    windowed = KVCacheSpec(30, 3, 64, 16, torch.float32, "kivi2", kivi_window=40, kivi_sinks=1)
+    assert windowed.kivi_window_blocks == KiviWindow(3, 1) and KiviWindow(3, 1).blocks_per_seq == 5
+    assert windowed.residual_blocks_for(2**30, 7) == 35
+    assert windowed.residual_blocks_for(4 * 12 * fp32.bytes_per_block, 128) == 10  # 2 sequences' worth
+    assert windowed.residual_blocks_for(4 * fp32.bytes_per_block, 128) == 5  # at least one sequence's
+    with pytest.raises(ValueError, match="kivi_window must be a number of tokens >= 0"):
+        KVCacheSpec(30, 3, 64, 16, torch.float32, "kivi2", kivi_window=-1)
 
 
 # ---- the write plan --------------------------------------------------------------------------------------
@@ -120,16 +129,16 @@ def test_a_layer_writing_an_unplanned_step_is_a_clear_error():
         cache.write(0, k, k, torch.tensor([0, 1]))
 
 
-def _write_steps(cache: KVCache, steps, use_cpp: bool, h: int, hkv: int, d: int, seed: int = 3):
+def _write_steps(cache: KVCache, steps, use_cpp: bool, h: int, hkv: int, d: int, seed: int = 3, seqs=None):
     """Write each step's tokens (random q/k/v, identity rotation) to every layer through the C++ fused write or
-    the torch one; returns the keys and values written, by slot."""
+    the torch one; returns the keys and values written, by slot. `seqs`: per step, the window's sequences."""
     g = torch.Generator().manual_seed(seed)
     kernels = load_cpu_kernels()
     written = {}
-    for slots in steps:
+    for n, slots in enumerate(steps):
         slots = torch.tensor(slots)
         t = slots.numel()
-        cache.prepare_write(slots)
+        cache.prepare_write(slots, seqs[n] if seqs else ())
         for i in range(cache.spec.num_layers):
             qkv = torch.randn(t, (h + 2 * hkv) * d, generator=g)
             k = qkv[:, h * d : (h + hkv) * d].reshape(t, hkv, d).clone()
@@ -191,6 +200,59 @@ def test_written_tokens_read_back_within_the_quantization_step(bits):
             vstep = kv.v_scale[blk, :, off, :, 0].float().repeat_interleave(d // kv.v_scale.shape[-2], -1)
             assert bool(((got_v - v).abs() <= vstep / 2 + 1e-2).all())
     assert cache.kivi.open.keys() == {1}
+
+
+def test_window_keeps_the_sinks_and_the_newest_full_blocks_open():
+    state = KiviState(num_blocks=10, num_residual=6, block_size=4, device=CPU, window=KiviWindow(1, 1))
+    table = [3, 5, 7, 9]
+    # a 10-token prompt: block 3 is the sink, block 5 the window, block 7 fills: nothing seals
+    plan = state.plan_writes(torch.tensor([12, 13, 14, 15, 20, 21, 22, 23, 28, 29]), [(table, 10)])
+    assert plan.seal_blocks.numel() == 0 and state.open.keys() == {3, 5, 7} and state.full == {3, 5}
+    r5 = state.open[5]
+    # block 7 fills: the window moves onto it, and block 5, left behind, seals from its residual
+    plan = state.plan_writes(torch.tensor([30, 31]), [(table, 12)])
+    assert plan.seal_blocks.tolist() == [5]
+    assert plan.seal_src.tolist() == [[-(r5 * 4 + o) - 1 for o in range(4)]]
+    assert state.open.keys() == {3, 7} and state.full == {3, 7} and int(state.open_slot[5]) == -1
+    # a step of another sequence leaves this one's blocks alone; a block freed while open gives its residual back
+    plan = state.plan_writes(torch.tensor([0]), [([0], 1)])
+    assert plan.seal_blocks.numel() == 0 and state.open.keys() == {0, 3, 7}
+    state.release(3)
+    assert state.open.keys() == {0, 7} and state.full == {7} and len(state.free) == 4
+    # a rolled-back tail rewritten inside a full open block leaves it open, no longer full
+    plan = state.plan_writes(torch.tensor([29]), [(table, 10)])
+    assert plan.unseal_blocks.numel() == 0 and state.full == set() and 7 in state.open
+
+
+@pytest.mark.parametrize("cpp", [True, False])
+def test_window_writes_agree_and_freed_blocks_read_back_sealed(cpp):
+    """With a window, the C++ and torch writes keep the same blocks open, and a full block freed while open is
+    sealed (a prefix-cache hit reads its codes): it reads back within the quantization step."""
+    h, hkv, d, bs = 4, 2, 16, 4
+    spec = KVCacheSpec(2, hkv, d, bs, torch.float32, "kivi2", kivi_window=4, kivi_sinks=4)
+    table = [2, 4, 6, 8, 9]
+    steps = [list(range(8, 12)) + list(range(16, 20)) + [24, 25], [26], [27], [32, 33, 34, 35, 36]]
+    seqs = [[(table, 10)], [(table, 11)], [(table, 12)], [(table, 17)]]
+    caches = [KVCache(spec, 10, CPU, residual_blocks=3) for _ in range(2)]
+    written = [
+        _write_steps(c, steps, use, h, hkv, d, seqs=seqs) for c, use in zip(caches, (cpp, False), strict=True)
+    ]
+    a, b = caches
+    assert a.kivi.open.keys() == {2, 8, 9} and a.kivi.full == {2, 8}  # sink, window, filling; 4 and 6 sealed
+    assert torch.equal(a.kivi.open_slot, b.kivi.open_slot)
+    torch.testing.assert_close(a.residual, b.residual)
+    for block in (2, 8):
+        a.release_block(block)
+    assert a.kivi.open.keys() == {9}
+    kv = a.layer(1)
+    keys, values = kv.blocks(torch.tensor([2, 8]), torch.float32)
+    for i, blk in enumerate((2, 8)):
+        kstep = kv.k_scale[blk, :, :, 0].float()
+        for off in range(bs):
+            k, v = written[0][(1, blk * bs + off)]
+            assert bool(((keys[i, :, off] - k).abs() <= kstep / 2 + 1e-2).all())
+            vstep = kv.v_scale[blk, :, off, :, 0].float().repeat_interleave(d // kv.v_scale.shape[-2], -1)
+            assert bool(((values[i, :, off] - v).abs() <= vstep / 2 + 1e-2).all())
 
 
 # ---- the packed attention kernel --------------------------------------------------------------------------
@@ -323,7 +385,10 @@ def test_kivi_admits_more_tokens_and_stays_close(tiny_model_dir, fmt, max_rel):
     kivi = LLM(str(tiny_model_dir), kv_cache_memory="8MiB", kernels="cpp", kv_cache_dtype=fmt)
     spec = kivi.engine.kv_spec
     residual = kivi.engine.runner.kv_cache.kivi.num_residual
-    assert residual == kivi.engine.max_num_seqs == min(128, 8 * 2**20 // 8 // spec.residual_block_bytes)
+    per_seq = spec.kivi_window_blocks.blocks_per_seq  # the block filling, the window's and the sinks'
+    assert per_seq == 1 + 64 // 16 + 1  # the defaults: a 64-token window, 16 sink tokens, 16-token blocks
+    seqs = min(128, 8 * 2**20 // 4 // spec.residual_block_bytes // per_seq)
+    assert residual == per_seq * kivi.engine.max_num_seqs == per_seq * seqs
     want = (8 * 2**20 - residual * spec.residual_block_bytes) // spec.bytes_per_block
     assert kivi.engine.block_manager.num_blocks == want > full.engine.block_manager.num_blocks
     assert kivi.engine.runner.kv_cache.nbytes <= 8 * 2**20
@@ -380,8 +445,8 @@ def test_kivi_with_speculative_decoding_and_n_siblings(tiny_model_dir, monkeypat
     counts = {"unseal": 0, "copy": 0}
     plan_writes, open_copy = KiviState.plan_writes, KiviState.open_copy
 
-    def counting_plan(self, slot_mapping):
-        plan = plan_writes(self, slot_mapping)
+    def counting_plan(self, slot_mapping, seqs=()):
+        plan = plan_writes(self, slot_mapping, seqs)
         counts["unseal"] += plan.unseal_blocks.numel()
         return plan
 
@@ -394,7 +459,8 @@ def test_kivi_with_speculative_decoding_and_n_siblings(tiny_model_dir, monkeypat
     monkeypatch.setattr(KiviState, "open_copy", counting_copy)
     greedy = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=3, n=3, ignore_eos=True)
-    kw = dict(kv_cache_memory="8MiB", kv_cache_dtype="kivi4", block_size=8)
+    # no window: every block seals as it fills, so rolled-back drafts rewrite sealed blocks
+    kw = dict(kv_cache_memory="8MiB", kv_cache_dtype="kivi4", block_size=8, kivi_window=0, kivi_sinks=0)
     plain = LLM(str(tiny_model_dir), kernels="cpp", **kw).generate(PROMPTS, greedy, use_tqdm=False)
     outs = []
     for kernels in ("cpp", "torch"):
@@ -422,7 +488,7 @@ def test_kivi_with_speculative_decoding_and_n_siblings(tiny_model_dir, monkeypat
 def test_residual_blocks_cap_the_sequences_running_at_once(tiny_model_dir):
     small = LLM(str(tiny_model_dir), kv_cache_memory="256KiB", kernels="cpp", kv_cache_dtype="kivi2")
     spec = small.engine.kv_spec
-    cap = 256 * 1024 // 8 // spec.residual_block_bytes
+    cap = 256 * 1024 // 4 // spec.residual_block_bytes // spec.kivi_window_blocks.blocks_per_seq
     assert 1 <= small.engine.max_num_seqs == cap < 128 and small.engine.scheduler.max_num_seqs == cap
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     many = [{"prompt_token_ids": [9 + i, 10, 11]} for i in range(cap + 3)]

@@ -21,6 +21,9 @@ _DTYPES = {
     "bf16": torch.bfloat16,
 }
 
+# KIVI's full-precision tokens per sequence (EngineConfig.kivi_window / kivi_sinks; chosen in README "KIVI window")
+KIVI_WINDOW = 64
+KIVI_SINKS = 16
 DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3  # bytes; ~46k tokens of SmolLM2-135M KV in fp32
 KV_CACHE_DTYPES = (
     "auto",
@@ -114,6 +117,10 @@ class EngineConfig:
     slo_tpot: float | None = None  # seconds per output token to keep steps within (engine/step_budget.py)
     slo_ttft: float | None = None  # seconds to first token that may raise a step's budget (step_budget.py)
     kv_cache_dtype: str = "auto"  # auto (the activations' dtype) | int8 | int4 | kivi2 | kivi4: how K/V are stored (kv/cache.py)
+    # KIVI formats only: tokens of each sequence kept in full precision, the newest (after the block being filled)
+    # and the first (attention sinks); rounded up to whole blocks (kv/kivi.py)
+    kivi_window: int = KIVI_WINDOW
+    kivi_sinks: int = KIVI_SINKS
     # default KV eviction policy of requests that name none (kv/policy.py): full | streaming:... | h2o:... |
     # snapkv:...
     kv_policy: KVPolicy | str = "full"
@@ -141,6 +148,10 @@ class EngineConfig:
             raise ValueError(
                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
             )
+        for name in ("kivi_window", "kivi_sinks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a number of tokens >= 0, got {value!r}")
         for name in ("slo_tpot", "slo_ttft"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):

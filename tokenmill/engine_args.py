@@ -38,6 +38,8 @@ class EngineArgs:
     slo_tpot: float | None = EngineConfig.slo_tpot
     slo_ttft: float | None = EngineConfig.slo_ttft
     kv_cache_dtype: str = EngineConfig.kv_cache_dtype
+    kivi_window: int = EngineConfig.kivi_window
+    kivi_sinks: int = EngineConfig.kivi_sinks
     kv_policy: str = "full"
     speculative_config: str | None = None
 
@@ -130,6 +132,21 @@ class EngineArgs:
             "values per token, the block being filled in full precision); quantized on write and attended from "
             "the packed blocks, so --kv-cache-memory holds ~3.8x (int8), ~6.4x (int4), ~5.6x (kivi4) or ~8.7x "
             f"(kivi2) the tokens of fp32 (default: {d.kv_cache_dtype})",
+        )
+        g.add_argument(
+            "--kivi-window",
+            type=int,
+            default=d.kivi_window,
+            help="kivi2/kivi4: each sequence's newest full tokens kept in full precision besides the block being "
+            f"filled (KIVI's residual window), rounded up to whole blocks; 0 seals every block as it fills "
+            f"(default: {d.kivi_window})",
+        )
+        g.add_argument(
+            "--kivi-sinks",
+            type=int,
+            default=d.kivi_sinks,
+            help="kivi2/kivi4: each sequence's first tokens kept in full precision (attention sinks), rounded up "
+            f"to whole blocks (default: {d.kivi_sinks})",
         )
         g.add_argument(
             "--kv-policy",

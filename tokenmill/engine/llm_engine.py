@@ -25,7 +25,7 @@ from tokenmill.errors import (
     AdmissionError,
     NonFiniteLogitsError,
 )
-from tokenmill.kv.cache import KVCache, KVCacheSpec
+from tokenmill.kv.cache import KIVI_RESIDUAL_SHARE, KVCache, KVCacheSpec
 from tokenmill.kv.policy import KVPolicy
 from tokenmill.layers.sampler import Sampler, SampleResult
 from tokenmill.models.registry import load_model
@@ -73,17 +73,20 @@ class LLMEngine:
             config.block_size,
             config.torch_dtype,
             config.kv_cache_dtype,
+            config.kivi_window,
+            config.kivi_sinks,
         )
         self.kv_spec = spec
-        # KIVI keeps each running sequence's filling block in full precision: those residual blocks come out
-        # of the byte budget, and no more sequences run at once than there are of them.
+        # KIVI keeps each running sequence's filling block and window in full precision: those residual blocks
+        # come out of the byte budget, and no more sequences run at once than they can serve.
         residual = spec.residual_blocks_for(config.kv_cache_memory, config.max_num_seqs)
-        self.max_num_seqs = residual if spec.kivi_bits else config.max_num_seqs
+        per_seq = spec.kivi_window_blocks.blocks_per_seq
+        self.max_num_seqs = residual // per_seq if spec.kivi_bits else config.max_num_seqs
         if self.max_num_seqs < config.max_num_seqs:
             logger.info(
-                "kv_cache_dtype=%s: %d full-precision residual blocks fit in 1/8 of kv_cache_memory; running at "
-                "most %d sequences at once (max_num_seqs=%d)",
-                spec.cache_dtype, residual, residual, config.max_num_seqs,
+                "kv_cache_dtype=%s: %d full-precision residual blocks (%d per sequence) fit in 1/%d of "
+                "kv_cache_memory; running at most %d sequences at once (max_num_seqs=%d)",
+                spec.cache_dtype, residual, per_seq, KIVI_RESIDUAL_SHARE, self.max_num_seqs, config.max_num_seqs,
             )  # fmt: skip
         num_blocks = spec.blocks_for_memory(config.kv_cache_memory, residual)
         if num_blocks < 1:

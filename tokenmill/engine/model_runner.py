@@ -124,7 +124,8 @@ class ModelRunner:
                 logits_rows.append(start + j)
         dev = self.device
         meta = build_attention_metadata(rows, self.block_size, dev)
-        self.kv_cache.prepare_write(meta.slot_mapping)  # KIVI plans the step's writes once, for every layer
+        # KIVI plans the step's writes once, for every layer, keeping each sequence's window open
+        self.kv_cache.prepare_write(meta.slot_mapping, [(r.block_table, r.seq_len) for r in rows])
         if meta.wants_scores:  # KV eviction ranks tokens by the attention they get: the kernels add it here
             spec = self.kv_cache.spec
             longest = max(meta.seq_lens_host)

@@ -12,6 +12,7 @@ costs in its format, so the engine sizes the cache in bytes and a smaller format
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from tokenmill.config import KV_CACHE_DTYPES
 from tokenmill.kv.kivi import (
     KIVI_BITS,
     KiviState,
+    KiviWindow,
     dequantize_keys,
     dequantize_values,
     kivi_value_group,
@@ -204,9 +206,9 @@ class LayerKV:
         return self.k[block_ids], self.v[block_ids]
 
 
-# Share of the KV budget a KIVI cache may spend on full-precision residual blocks (one per running sequence):
-# more sequences than fit in it run fewer at once (LLMEngine caps max_num_seqs by it).
-KIVI_RESIDUAL_SHARE = 8  # at most 1/8 of --kv-cache-memory
+# Share of the KV budget a KIVI cache may spend on full-precision residual blocks (`KiviWindow.blocks_per_seq`
+# per running sequence): more sequences than fit in it run fewer at once (LLMEngine caps max_num_seqs by it).
+KIVI_RESIDUAL_SHARE = 4  # at most 1/4 of --kv-cache-memory
 
 
 @dataclass(frozen=True)
@@ -220,6 +222,9 @@ class KVCacheSpec:
     dtype: torch.dtype  # the activations' dtype: what attention computes in
     # auto (store in `dtype`) | int8 (an fp32 scale per token and head) | int4 | kivi2 | kivi4 (kv/kivi.py)
     cache_dtype: str = "auto"
+    # KIVI only: the newest full tokens and the first tokens of each sequence kept in full precision (kv/kivi.py)
+    kivi_window: int = 0
+    kivi_sinks: int = 0
 
     def __post_init__(self) -> None:
         if self.cache_dtype not in KV_CACHE_DTYPES:
@@ -228,6 +233,7 @@ class KVCacheSpec:
             )
         if self.kivi_bits:
             kivi_value_group(self.head_dim, self.kivi_bits)  # ValueError for a head_dim it cannot pack
+            KiviWindow.from_tokens(self.kivi_window, self.kivi_sinks, self.block_size)  # ValueError if < 0
 
     @property
     def format(self) -> str:
@@ -245,6 +251,13 @@ class KVCacheSpec:
     def kivi_bits(self) -> int:
         """2 or 4 for the KIVI formats, else 0."""
         return KIVI_BITS.get(self.cache_dtype, 0)
+
+    @property
+    def kivi_window_blocks(self) -> KiviWindow:
+        """The KIVI window in blocks ((0, 0) for the other formats, which keep nothing open)."""
+        if not self.kivi_bits:
+            return KiviWindow()
+        return KiviWindow.from_tokens(self.kivi_window, self.kivi_sinks, self.block_size)
 
     @property
     def int4_groups(self) -> int:
@@ -288,12 +301,13 @@ class KVCacheSpec:
         return self.num_layers * 2 * self.num_kv_heads * self.block_size * self.head_dim * self._element_size
 
     def residual_blocks_for(self, memory_bytes: int, max_num_seqs: int) -> int:
-        """Residual blocks a KIVI cache of `memory_bytes` reserves: one per sequence running at once, within
-        1 / KIVI_RESIDUAL_SHARE of the budget (at least one); 0 for the other formats."""
+        """Residual blocks a KIVI cache of `memory_bytes` reserves: `blocks_per_seq` per sequence running at
+        once, within 1 / KIVI_RESIDUAL_SHARE of the budget (at least one sequence's); 0 for the other formats."""
         if not self.kivi_bits:
             return 0
-        fits = memory_bytes // KIVI_RESIDUAL_SHARE // self.residual_block_bytes
-        return max(1, min(max_num_seqs, fits))
+        per_seq = self.kivi_window_blocks.blocks_per_seq
+        fits = memory_bytes // KIVI_RESIDUAL_SHARE // self.residual_block_bytes // per_seq
+        return per_seq * max(1, min(max_num_seqs, fits))
 
     def blocks_for_memory(self, memory_bytes: int, residual_blocks: int = 0) -> int:
         """Blocks that fit in `memory_bytes` after `residual_blocks` residual blocks (KIVI)."""
@@ -334,7 +348,7 @@ class KVCache:
             # codes [layers, 2, blocks, Hkv, bs, D * bits / 8]; key stats [layers, blocks, Hkv, D, 2]; value
             # stats (in `scales`) [layers, blocks, Hkv, bs, G, 2]; residual [layers, 2, R, Hkv, bs, D]
             r = min(num_blocks, 16) if residual_blocks is None else residual_blocks
-            self.kivi = KiviState(num_blocks, r, spec.block_size, device)
+            self.kivi = KiviState(num_blocks, r, spec.block_size, device, spec.kivi_window_blocks)
             self.data = alloc((*shape[:-1], spec.head_dim * bits // 8), dtype=torch.uint8, device=device)
             self.key_stats = alloc(
                 (spec.num_layers, num_blocks, spec.num_kv_heads, spec.head_dim, 2),
@@ -390,16 +404,30 @@ class KVCache:
         return self._layers[index]
 
     # ---- writes ---------------------------------------------------------------------------------
-    def prepare_write(self, slot_mapping: torch.Tensor) -> None:
+    def prepare_write(self, slot_mapping: torch.Tensor, seqs: Sequence[tuple[list[int], int]] = ()) -> None:
         """Once per step, before the layers write `slot_mapping`: a KIVI cache plans which blocks seal and
-        which tokens go to full-precision residuals (kv/kivi.py). Nothing to do for the other formats."""
+        which tokens go to full-precision residuals (kv/kivi.py), keeping each sequence's window open (`seqs`:
+        (block table, slots held after the step) per sequence). Nothing to do for the other formats."""
         if self.kivi is not None:
-            self.kivi.plan_writes(slot_mapping)
+            self.kivi.plan_writes(slot_mapping, seqs)
 
     def release_block(self, block_id: int) -> None:
-        """A block went back to the free pool: a KIVI block still filling gives back its residual."""
-        if self.kivi is not None:
-            self.kivi.release(block_id)
+        """A block went back to the free pool: a KIVI block still filling gives back its residual, and a full
+        one a window kept open is sealed first (the prefix cache may hand it to a later request)."""
+        if self.kivi is None:
+            return
+        r = self.kivi.open.get(block_id)
+        if r is not None and block_id in self.kivi.full:
+            self._seal_from_residual(block_id, r)
+        self.kivi.release(block_id)
+
+    def _seal_from_residual(self, block_id: int, r: int) -> None:
+        """Quantize residual `r` into block `block_id`, every layer at once (the codes the C++ seal writes)."""
+        bits = self.spec.kivi_bits
+        group = self.spec.head_dim // self.spec.kivi_value_groups
+        keys, values = self.residual[:, 0, r], self.residual[:, 1, r]  # [layers, Hkv, bs, D]
+        self.data[:, 0, block_id], self.key_stats[:, block_id] = quantize_keys(keys, bits)
+        self.data[:, 1, block_id], self.scales[:, block_id] = quantize_values(values, bits, group)
 
     def write(self, index: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store k, v `[T, num_kv_heads, head_dim]` of layer `index` at their slots (negative: skipped)."""

@@ -19,10 +19,18 @@ Layout, per layer, head-major inside a block like every format (kv/cache.py):
 
 Residual blocks belong to blocks while those fill: a block is *open* (its tokens live in a residual) from its
 first write until the write that completes it *seals* it (quantizes the whole block, fused into the KV write
-kernel) or until it is freed. Each sequence fills one block at a time, so R = the most sequences running at once
-suffices; the engine reserves that many residual blocks out of the byte budget (`KVCacheSpec.residual_bytes`).
-All layers write the same slots, so the plan of one step's writes (`WritePlan`: which blocks seal, which tokens
-go to which residual row) is made once per step by `KiviState.plan` before the layers run.
+kernel) or until it is freed. All layers write the same slots, so the plan of one step's writes (`WritePlan`:
+which blocks seal, which tokens go to which residual row) is made once per step by `KiviState.plan_writes`
+before the layers run.
+
+A full block may stay open longer (`KiviWindow`): the `window_blocks` newest full blocks of each sequence (KIVI's
+full-precision window of recent tokens, R = 32-128 in the paper) and its first `sink_blocks` blocks (the
+attention sinks StreamingLLM found: the first tokens take a large share of every query's attention, so their
+error reaches every output). Such a block seals when the sequence's window moves past it, and a full block freed
+while open is sealed first (`KVCache.release_block`), so a block the prefix cache keeps always holds its codes.
+Why: on a small model a 2-bit key group over the newest tokens and the sinks is most of the quality loss
+(kivi2 without a window: +28% perplexity on the default model). Each running sequence holds at most
+`KiviWindow.blocks_per_seq` residual blocks; the engine reserves that many per sequence out of the byte budget.
 
 A write into a sealed block below its end (a rolled-back speculative tail rewritten, a block left partly kept by
 eviction) first *unseals* it: its tokens so far are dequantized into a fresh residual, and it seals again when it
@@ -32,6 +40,7 @@ sealed destination block with the moved token in it, and write values per token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +113,34 @@ def dequantize_values(packed: torch.Tensor, stats: torch.Tensor, bits: int) -> t
     return (cg * sm[..., 0:1] + sm[..., 1:2]).view(codes.shape)
 
 
+@dataclass(frozen=True)
+class KiviWindow:
+    """Which full blocks of a sequence stay in full precision (module doc): its first `sink_blocks` and its
+    newest `window_blocks` full blocks. (0, 0) seals every block as soon as it fills."""
+
+    window_blocks: int = 0
+    sink_blocks: int = 0
+
+    @classmethod
+    def from_tokens(cls, window: int, sinks: int, block_size: int) -> KiviWindow:
+        """Token counts (rounded up to whole blocks) -> blocks; ValueError names a negative count."""
+        for name, value in (("kivi_window", window), ("kivi_sinks", sinks)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a number of tokens >= 0, got {value!r}")
+        return cls(-(-window // block_size), -(-sinks // block_size))
+
+    @property
+    def blocks_per_seq(self) -> int:
+        """Residual blocks one sequence may hold at once: its sinks, its window and the block filling."""
+        return self.sink_blocks + self.window_blocks + 1
+
+    def kept(self, block_table: list[int], num_slots: int, block_size: int) -> list[int]:
+        """The full blocks of a sequence holding `num_slots` slots that stay open: sinks, then the window."""
+        full = min(num_slots // block_size, len(block_table))
+        sinks = min(self.sink_blocks, full)
+        return block_table[:sinks] + block_table[max(sinks, full - self.window_blocks) : full]
+
+
 @dataclass
 class WritePlan:
     """One step's KV writes in a KIVI cache (the same for every layer)."""
@@ -120,13 +157,22 @@ class KiviState:
     """Which blocks are open and in which residual; plans each step's writes (module doc). Host-side
     bookkeeping plus the `open_slot` tensor the attention kernels read."""
 
-    def __init__(self, num_blocks: int, num_residual: int, block_size: int, device: torch.device):
+    def __init__(
+        self,
+        num_blocks: int,
+        num_residual: int,
+        block_size: int,
+        device: torch.device,
+        window: KiviWindow | None = None,
+    ):
         if num_residual < 1:
             raise ValueError("a KIVI cache needs at least one full-precision residual block")
         self.block_size = block_size
         self.num_residual = num_residual
+        self.window = window or KiviWindow()
         self.open_slot = torch.full((num_blocks,), -1, dtype=torch.int32, device=device)
         self.open: dict[int, int] = {}  # block -> residual
+        self.full: set[int] = set()  # open blocks with every slot written (kept by a window; sealed if freed)
         self.free: list[int] = list(range(num_residual - 1, -1, -1))  # a stack: lowest first
         self.plan: WritePlan | None = None
 
@@ -141,6 +187,7 @@ class KiviState:
     def release(self, block_id: int) -> None:
         """A freed block gives back its residual (if it was still filling)."""
         r = self.open.pop(block_id, None)
+        self.full.discard(block_id)
         if r is not None:
             self.free.append(r)
             self.open_slot[block_id] = -1
@@ -153,12 +200,26 @@ class KiviState:
         r = self._take()
         self.open[dst] = r
         self.open_slot[dst] = r
+        if src in self.full:
+            self.full.add(dst)
         return r
 
-    def plan_writes(self, slot_mapping: torch.Tensor) -> WritePlan:
+    def plan_writes(
+        self, slot_mapping: torch.Tensor, seqs: Sequence[tuple[list[int], int]] = ()
+    ) -> WritePlan:
         """Plan a step's writes (module doc) and update which blocks are open: the attention of every layer
-        reads the state after the write. Call once per step, before the first layer writes."""
+        reads the state after the write. Call once per step, before the first layer writes. `seqs`: each
+        sequence of the step as (block table, slots held after the step), for the window; without them every
+        block seals as it fills."""
         bs = self.block_size
+        keep: set[int] = set()
+        leaving: list[int] = []  # open full blocks of the step's sequences that the window moved past
+        if seqs and (self.window.window_blocks or self.window.sink_blocks):
+            for table, slots in seqs:
+                keep.update(self.window.kept(table, slots, bs))
+            if self.full:
+                held = set().union(*(table for table, _ in seqs))
+                leaving = sorted(b for b in self.full if b in held and b not in keep)
         slots = slot_mapping.tolist()
         per_block: dict[int, list[tuple[int, int]]] = {}
         for t, s in enumerate(slots):
@@ -180,9 +241,23 @@ class KiviState:
         seal_src: list[list[int]] = []
         released: list[int] = []
         opening: list[tuple[int, list[tuple[int, int]]]] = []
+        for b in leaving:
+            if b in per_block:  # written this step: planned with its writes below
+                continue
+            r = self.open.pop(b)
+            self.full.discard(b)
+            seal_b.append(b)
+            seal_src.append([-(r * bs + o) - 1 for o in range(bs)])
+            released.append(r)
+            changed[b] = -1
         for b, items in per_block.items():
             r = self.open.get(b)
-            if max(o for o, _ in items) == bs - 1:  # the block fills: seal it
+            fills = max(o for o, _ in items) == bs - 1
+            if fills and b in keep:  # full, but the window keeps it open
+                self.full.add(b)
+            else:
+                self.full.discard(b)
+            if fills and b not in keep:  # the block fills: seal it
                 src = [-1] * bs
                 written = [False] * bs
                 for o, t in items:

@@ -15,7 +15,9 @@ to the pure-torch path.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
 import platform
 from collections.abc import Collection
 from pathlib import Path
@@ -54,6 +56,15 @@ class UnsupportedISAError(ValueError):
 
 def build_name(isa: str) -> str:
     return f"{BUILD_NAME_PREFIX}_{isa}"
+
+
+def build_directory(isa: str) -> Path:
+    """Where a level's build lives: torch's extensions folder, one subfolder per level *and checkout*. torch
+    keys builds by name alone, so two checkouts (a git worktree, CI's clone) sharing one folder would rebuild
+    the kernels (minutes) each time the other one loaded them."""
+    base = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    checkout = hashlib.sha1(str(Path(_SOURCES[0]).parent).encode()).hexdigest()[:10]
+    return base / f"{build_name(isa)}-{checkout}"
 
 
 @functools.cache
@@ -169,9 +180,12 @@ def _build(isa: str) -> tuple[ModuleType | None, str | None]:
     try:
         from torch.utils.cpp_extension import load
 
+        folder = build_directory(isa)
+        folder.mkdir(parents=True, exist_ok=True)
         module = load(
             name=build_name(isa),
             sources=_SOURCES,
+            build_directory=str(folder),
             extra_cflags=[*_COMMON_CFLAGS, *_ISA_CFLAGS[isa]],
             extra_ldflags=["-fopenmp"],
             verbose=False,
