@@ -83,6 +83,104 @@ static inline void decode_row(const uint8_t* bytes, int bits, int64_t D, int64_t
   }
 }
 
+template <typename C>
+static inline float dot_row(const float* a, const C* b, int64_t D) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < D; ++i) s += a[i] * static_cast<float>(b[i]);
+  return s;
+}
+
+// One (row, KV head) task of either kernel: the row's queries for the KV head's query heads as rows
+// r = j * QG + g (token j, head g), scaled by `scale`, with their scores over the row's L keys, running max,
+// softmax sums and fp32 value accumulators. Query row r sees keys [0, first + r / QG]: causal among the row's
+// own new tokens. The kernels differ only in how they read a key or value; the passes are these.
+struct TaskRows {
+  int64_t R = 0, L = 0, D = 0, QG = 1, first = 0;
+  std::vector<float> qf, scores, acc, maxs, sums;
+  std::vector<int64_t> visible;
+
+  template <typename T>
+  void start(const T* q, int64_t q0, int64_t n, int64_t h, int64_t H, int64_t qg, int64_t d, int64_t l,
+             float scale) {
+    QG = qg, D = d, L = l, R = n * qg, first = l - n;
+    scores.resize(R * L);
+    qf.resize(R * D);
+    acc.assign(R * D, 0.f);
+    maxs.assign(R, -std::numeric_limits<float>::infinity());
+    sums.assign(R, 0.f);
+    visible.resize(R);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t g = 0; g < QG; ++g) {
+        const T* src = q + ((q0 + j) * H + h * QG + g) * D;
+        float* dst = qf.data() + (j * QG + g) * D;
+        for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+        visible[j * QG + g] = first + j + 1;
+      }
+  }
+  const float* query(int64_t r) const { return qf.data() + r * D; }
+  int64_t first_row(int64_t t) const { return t < first ? 0 : (t - first) * QG; }  // rows that see key t
+
+  // Pass 1, one key: score(r) is row r's scaled q . k_t.
+  template <typename Score>
+  void score_key(int64_t t, Score score) {
+    for (int64_t r = first_row(t); r < R; ++r) {
+      const float s = score(r);
+      scores[r * L + t] = s;
+      maxs[r] = std::max(maxs[r], s);
+    }
+  }
+
+  // Pass 2: softmax numerators and sums (vectorized exp under -ffast-math, libmvec).
+  void softmax() {
+    for (int64_t r = 0; r < R; ++r) {
+      float* sr = scores.data() + r * L;
+      const float m = maxs[r];
+      const int64_t vis = visible[r];
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < vis; ++t) {
+        sr[t] = std::exp(sr[t] - m);
+        sum += sr[t];
+      }
+      sums[r] = sum;
+    }
+  }
+
+  // The attention weight each key slot receives from rows of queries >= from, summed into dst (eviction).
+  void add_weights(float* dst, int64_t from) const {
+    for (int64_t r = from * QG; r < R; ++r) {
+      const float* sr = scores.data() + r * L;
+      const float inv = 1.f / sums[r];
+      const int64_t vis = visible[r];
+#pragma omp simd
+      for (int64_t t = 0; t < vis; ++t) dst[t] += sr[t] * inv;
+    }
+  }
+
+  // Pass 3, one value row v_t (times v_scale) into every row that sees it.
+  template <typename V>
+  void add_value(int64_t t, const V* v, float v_scale) {
+    for (int64_t r = first_row(t); r < R; ++r) {
+      const float p = scores[r * L + t] * v_scale;
+      float* ar = acc.data() + r * D;
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) ar[i] += p * static_cast<float>(v[i]);
+    }
+  }
+
+  template <typename T>
+  void write(T* out, float* lse, int64_t q0, int64_t h, int64_t H) const {
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t j = r / QG, head = h * QG + r % QG;
+      T* dst = out + ((q0 + j) * H + head) * D;
+      const float inv = 1.f / sums[r];
+      for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<T>(acc[r * D + i] * inv);
+      if (lse != nullptr) lse[(q0 + j) * H + head] = maxs[r] + std::log(sums[r]);
+    }
+  }
+};
+
 // T: the queries' (and output's) type; C: the cache's element type. An int8 cache comes with one fp32 scale
 // per (token, head) for K (ks) and V (vs), applied to whole dot products and to each softmax weight, so the
 // packed blocks are read in place and never dequantized into a copy. An int4 cache (C = uint8_t) packs two
@@ -102,110 +200,38 @@ static void attention_kernel(const T* q, const C* kc, const C* vc, const void* k
   const int64_t NG = int4 ? G : 1, grp = D / NG, row_elems = int4 ? D / 2 : D;
   const int64_t QG = H / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf, acc, maxs, sums, kv(D);
-    std::vector<int64_t> visible;
+    TaskRows rows;
+    std::vector<float> kv(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
       const int64_t L = lens[b], q0 = qsl[b], n = qsl[b + 1] - q0;
       if (n <= 0) continue;
-      const int64_t R = n * QG;  // query rows of this task: (token j, head g) -> j * QG + g
-      const int64_t first = L - n;  // keys every query sees; query j also sees keys first .. first + j
       const int64_t* table = tables + b * max_blocks;
-      scores.resize(R * L);
-      qf.resize(R * D);
-      acc.assign(R * D, 0.f);
-      maxs.assign(R, -std::numeric_limits<float>::infinity());
-      sums.assign(R, 0.f);
-      visible.resize(R);
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t g = 0; g < QG; ++g) {
-          const T* src = q + ((q0 + j) * H + h * QG + g) * D;
-          float* dst = qf.data() + (j * QG + g) * D;
-          for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<float>(src[i]) * scale;
-          visible[j * QG + g] = first + j + 1;
-        }
+      rows.start(q, q0, n, h, H, QG, D, L, scale);
       for (int64_t t = 0; t < L; ++t) {
         const int64_t row = (table[t / bs] * Hkv + h) * bs + t % bs;
         const C* k = kc + row * row_elems;
-        const int64_t r0 = t < first ? 0 : (t - first) * QG;  // rows whose query sees key t
         if constexpr (int4) {
           decode_row(k, 4, D, grp, ksm + row * NG * 2, kv.data());  // dequantized once for all rows
-          const float* kd = kv.data();
-          for (int64_t r = r0; r < R; ++r) {
-            const float* qr = qf.data() + r * D;
-            float s = 0.f;
-#pragma omp simd reduction(+ : s)
-            for (int64_t i = 0; i < D; ++i) s += qr[i] * kd[i];
-            scores[r * L + t] = s;
-            maxs[r] = std::max(maxs[r], s);
-          }
-          continue;
+          rows.score_key(t, [&](int64_t r) { return dot_row(rows.query(r), kv.data(), D); });
         } else {
           const float k_scale = ks != nullptr ? ks[row] : 1.f;
-          for (int64_t r = r0; r < R; ++r) {
-            const float* qr = qf.data() + r * D;
-            float s = 0.f;
-#pragma omp simd reduction(+ : s)
-            for (int64_t i = 0; i < D; ++i) s += qr[i] * static_cast<float>(k[i]);
-            s *= k_scale;
-            scores[r * L + t] = s;
-            maxs[r] = std::max(maxs[r], s);
-          }
+          rows.score_key(t, [&](int64_t r) { return dot_row(rows.query(r), k, D) * k_scale; });
         }
       }
-      for (int64_t r = 0; r < R; ++r) {
-        float* sr = scores.data() + r * L;
-        const float m = maxs[r];
-        const int64_t vis = visible[r];
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < vis; ++t) {
-          sr[t] = std::exp(sr[t] - m);  // vectorized (libmvec) under -ffast-math
-          sum += sr[t];
-        }
-        sums[r] = sum;
-      }
-      if (score_out != nullptr && score_from[b] >= 0) {  // attention weights each key slot receives
-        float* dst = score_out + (b * Hkv + h) * score_len;
-        for (int64_t r = score_from[b] * QG; r < R; ++r) {
-          const float* sr = scores.data() + r * L;
-          const float inv = 1.f / sums[r];
-          const int64_t vis = visible[r];
-#pragma omp simd
-          for (int64_t t = 0; t < vis; ++t) dst[t] += sr[t] * inv;
-        }
-      }
+      rows.softmax();
+      if (score_out != nullptr && score_from[b] >= 0) rows.add_weights(score_out + (b * Hkv + h) * score_len, score_from[b]);
       for (int64_t t = 0; t < L; ++t) {
         const int64_t row = (table[t / bs] * Hkv + h) * bs + t % bs;
         const C* v = vc + row * row_elems;
-        const int64_t r0 = t < first ? 0 : (t - first) * QG;
         if constexpr (int4) {
           decode_row(v, 4, D, grp, vsm + row * NG * 2, kv.data());
-          const float* vd = kv.data();
-          for (int64_t r = r0; r < R; ++r) {
-            const float p = scores[r * L + t];
-            float* ar = acc.data() + r * D;
-#pragma omp simd
-            for (int64_t i = 0; i < D; ++i) ar[i] += p * vd[i];
-          }
+          rows.add_value(t, kv.data(), 1.f);
         } else {
-          const float v_scale = vs != nullptr ? vs[row] : 1.f;
-          for (int64_t r = r0; r < R; ++r) {
-            const float p = scores[r * L + t] * v_scale;
-            float* ar = acc.data() + r * D;
-#pragma omp simd
-            for (int64_t i = 0; i < D; ++i) ar[i] += p * static_cast<float>(v[i]);
-          }
+          rows.add_value(t, v, vs != nullptr ? vs[row] : 1.f);
         }
       }
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t g = 0; g < QG; ++g) {
-          const int64_t r = j * QG + g, head = h * QG + g;
-          T* dst = out + ((q0 + j) * H + head) * D;
-          const float inv = 1.f / sums[r];
-          for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<T>(acc[r * D + i] * inv);
-          if (lse != nullptr) lse[(q0 + j) * H + head] = maxs[r] + std::log(sums[r]);
-        }
+      rows.write(out, lse, q0, h, H);
     }
   });
 }
@@ -321,53 +347,31 @@ static void kivi_kernel(const float* q, const uint8_t* kc, const uint8_t* vc, co
   const int64_t RB = D * bits / 8, grp = D / G;
   const int64_t QG = H / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf, qs, qm, acc, maxs, sums, buf(D);
-    std::vector<int64_t> visible;
+    TaskRows rows;
+    std::vector<float> qs, qm, buf(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
       const int64_t L = lens[b], q0 = qsl[b], n = qsl[b + 1] - q0;
       if (n <= 0) continue;
-      const int64_t R = n * QG, first = L - n;
       const int64_t* table = tables + b * max_blocks;
-      scores.resize(R * L);
-      qf.resize(R * D);
+      rows.start(q, q0, n, h, H, QG, D, L, scale);
+      const int64_t R = rows.R;
       qs.resize(R * D);
       qm.resize(R);
-      acc.assign(R * D, 0.f);
-      maxs.assign(R, -std::numeric_limits<float>::infinity());
-      sums.assign(R, 0.f);
-      visible.resize(R);
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t g = 0; g < QG; ++g) {
-          const float* src = q + ((q0 + j) * H + h * QG + g) * D;
-          float* dst = qf.data() + (j * QG + g) * D;
-          for (int64_t i = 0; i < D; ++i) dst[i] = src[i] * scale;
-          visible[j * QG + g] = first + j + 1;
-        }
       const int64_t nblocks = (L + bs - 1) / bs;
       for (int64_t bi = 0; bi < nblocks; ++bi) {
         const int64_t blk = table[bi], t0 = bi * bs, tn = std::min(bs, L - t0);
         const int32_t r_open = open_slot[blk];
         if (r_open >= 0) {
           for (int64_t o = 0; o < tn; ++o) {
-            const int64_t t = t0 + o;
             const float* k = rk + ((static_cast<int64_t>(r_open) * Hkv + h) * bs + o) * D;
-            const int64_t r0 = t < first ? 0 : (t - first) * QG;
-            for (int64_t r = r0; r < R; ++r) {
-              const float* qr = qf.data() + r * D;
-              float s = 0.f;
-#pragma omp simd reduction(+ : s)
-              for (int64_t i = 0; i < D; ++i) s += qr[i] * k[i];
-              scores[r * L + t] = s;
-              maxs[r] = std::max(maxs[r], s);
-            }
+            rows.score_key(t0 + o, [&](int64_t r) { return dot_row(rows.query(r), k, D); });
           }
           continue;
         }
         const at::Half* st = kst + (blk * Hkv + h) * D * 2;
-        const int64_t rb0 = t0 < first ? 0 : (t0 - first) * QG;  // rows that see a key of this block
-        for (int64_t r = rb0; r < R; ++r) {
-          const float* qr = qf.data() + r * D;
+        for (int64_t r = rows.first_row(t0); r < R; ++r) {  // rows that see a key of this block
+          const float* qr = rows.query(r);
           float* qsr = qs.data() + r * D;
           float m = 0.f;
           for (int64_t c = 0; c < D; ++c) {
@@ -377,78 +381,26 @@ static void kivi_kernel(const float* q, const uint8_t* kc, const uint8_t* vc, co
           qm[r] = m;
         }
         for (int64_t o = 0; o < tn; ++o) {
-          const int64_t t = t0 + o;
           decode_row(kc + ((blk * Hkv + h) * bs + o) * RB, bits, D, D, nullptr, buf.data());  // codes, once
-          const float* cd = buf.data();
-          const int64_t r0 = t < first ? 0 : (t - first) * QG;
-          for (int64_t r = r0; r < R; ++r) {
-            const float* qsr = qs.data() + r * D;
-            float s = 0.f;
-#pragma omp simd reduction(+ : s)
-            for (int64_t c = 0; c < D; ++c) s += qsr[c] * cd[c];
-            s += qm[r];
-            scores[r * L + t] = s;
-            maxs[r] = std::max(maxs[r], s);
-          }
+          rows.score_key(t0 + o, [&](int64_t r) { return dot_row(qs.data() + r * D, buf.data(), D) + qm[r]; });
         }
       }
-      for (int64_t r = 0; r < R; ++r) {
-        float* sr = scores.data() + r * L;
-        const float m = maxs[r];
-        const int64_t vis = visible[r];
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < vis; ++t) {
-          sr[t] = std::exp(sr[t] - m);
-          sum += sr[t];
-        }
-        sums[r] = sum;
-      }
-      if (score_out != nullptr && score_from[b] >= 0) {
-        float* dst = score_out + (b * Hkv + h) * score_len;
-        for (int64_t r = score_from[b] * QG; r < R; ++r) {
-          const float* sr = scores.data() + r * L;
-          const float inv = 1.f / sums[r];
-          const int64_t vis = visible[r];
-#pragma omp simd
-          for (int64_t t = 0; t < vis; ++t) dst[t] += sr[t] * inv;
-        }
-      }
+      rows.softmax();
+      if (score_out != nullptr && score_from[b] >= 0) rows.add_weights(score_out + (b * Hkv + h) * score_len, score_from[b]);
       for (int64_t bi = 0; bi < nblocks; ++bi) {
         const int64_t blk = table[bi], t0 = bi * bs, tn = std::min(bs, L - t0);
         const int32_t r_open = open_slot[blk];
         for (int64_t o = 0; o < tn; ++o) {
-          const int64_t t = t0 + o;
-          const int64_t r0 = t < first ? 0 : (t - first) * QG;
           if (r_open >= 0) {
-            const float* v = rv + ((static_cast<int64_t>(r_open) * Hkv + h) * bs + o) * D;
-            for (int64_t r = r0; r < R; ++r) {
-              const float p = scores[r * L + t];
-              float* ar = acc.data() + r * D;
-#pragma omp simd
-              for (int64_t i = 0; i < D; ++i) ar[i] += p * v[i];
-            }
+            rows.add_value(t0 + o, rv + ((static_cast<int64_t>(r_open) * Hkv + h) * bs + o) * D, 1.f);
             continue;
           }
           const int64_t row = (blk * Hkv + h) * bs + o;
           decode_row(vc + row * RB, bits, D, grp, vst + row * G * 2, buf.data());  // dequantized, once
-          const float* vd = buf.data();
-          for (int64_t r = r0; r < R; ++r) {
-            const float p = scores[r * L + t];
-            float* ar = acc.data() + r * D;
-#pragma omp simd
-            for (int64_t i = 0; i < D; ++i) ar[i] += p * vd[i];
-          }
+          rows.add_value(t0 + o, buf.data(), 1.f);
         }
       }
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t g = 0; g < QG; ++g) {
-          const int64_t r = j * QG + g, head = h * QG + g;
-          float* dst = out + ((q0 + j) * H + head) * D;
-          const float inv = 1.f / sums[r];
-          for (int64_t i = 0; i < D; ++i) dst[i] = acc[r * D + i] * inv;
-          if (lse != nullptr) lse[(q0 + j) * H + head] = maxs[r] + std::log(sums[r]);
-        }
+      rows.write(out, lse, q0, h, H);
     }
   });
 }
