@@ -158,7 +158,8 @@ def test_kernel_rejects_bad_inputs():
 
 def test_kernel_plan_per_cpu():
     assert plan_for("avx512", "GenuineIntel") == QuantKernelPlan(gemm_min_rows=24, fp32_rows=True)
-    for isa, vendor in [("avx512", "AuthenticAMD"), ("avx2", "GenuineIntel"), ("portable", "unknown")]:
+    assert plan_for("avx512", "AuthenticAMD") == QuantKernelPlan(fp32_rows=True)
+    for isa, vendor in [("avx2", "GenuineIntel"), ("avx2", "AuthenticAMD"), ("portable", "unknown")]:
         assert plan_for(isa, vendor) == QuantKernelPlan()
 
 

@@ -39,11 +39,14 @@ def plan_for(isa: str, vendor: str) -> QuantKernelPlan:
     """The plan measured fastest for a kernel level on a CPU vendor (benchmarks/isa_quant.py).
 
     Sapphire Rapids (avx512, GenuineIntel): the fp32 rows run 1.1-1.6x faster than int16 at 4 rows, 1.5-2.4x from 8
-    and beat the tile GEMM below 24 rows. Zen 4 runs 512-bit vectors at half rate, where 512-bit int16
-    variants lost to AVX2; the fp32 rows are unmeasured there, so AMD keeps the int16 path.
+    and beat the tile GEMM below 24 rows. Zen 4 (avx512, AuthenticAMD): per q4 linear 1.1-2.2x faster at 2-16
+    rows, q8 1.1-1.5x at 2-8 rows and 0.8-0.95x at 16-23; end to end 1.25x at 4 and 8 concurrent sequences,
+    1.02x at 16 (1 thread, shared machine), so it takes them too, with the GEMM from 32 rows as before.
     """
     if isa == "avx512" and vendor == "GenuineIntel":
         return QuantKernelPlan(gemm_min_rows=24, fp32_rows=True)
+    if isa == "avx512":
+        return QuantKernelPlan(fp32_rows=True)
     return QuantKernelPlan()
 
 
