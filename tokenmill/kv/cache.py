@@ -294,11 +294,18 @@ class KVCacheSpec:
         return self.num_layers * 2 * self.num_kv_heads * per_head
 
     @property
+    def residual_dtype(self) -> torch.dtype:
+        """KIVI's residual blocks: fp16 for fp32 activations (half the bytes; its rounding, 2^-11 of a value,
+        is nothing next to the 2- or 4-bit codes a block gets when it seals), else the activations' dtype."""
+        return torch.float16 if self.dtype == torch.float32 else self.dtype
+
+    @property
     def residual_block_bytes(self) -> int:
-        """Bytes of one full-precision residual block (KIVI; 0 for the other formats)."""
+        """Bytes of one residual block (KIVI; 0 for the other formats)."""
         if not self.kivi_bits:
             return 0
-        return self.num_layers * 2 * self.num_kv_heads * self.block_size * self.head_dim * self._element_size
+        size = torch.empty((), dtype=self.residual_dtype).element_size()
+        return self.num_layers * 2 * self.num_kv_heads * self.block_size * self.head_dim * size
 
     def residual_blocks_for(self, memory_bytes: int, max_num_seqs: int) -> int:
         """Residual blocks a KIVI cache of `memory_bytes` reserves: `blocks_per_seq` per sequence running at
@@ -358,7 +365,7 @@ class KVCache:
             self.scales = alloc(
                 (spec.num_layers, *shape[2:-1], spec.kivi_value_groups, 2), dtype=torch.float16, device=device
             )
-            self.residual = alloc((spec.num_layers, 2, r, *shape[3:]), dtype=spec.dtype, device=device)
+            self.residual = alloc((spec.num_layers, 2, r, *shape[3:]), dtype=spec.residual_dtype, device=device)
             self._layers = [
                 LayerKV(
                     self.data[i, 0],
@@ -499,7 +506,7 @@ class KVCache:
         range that now includes the moved one."""
         if layer.numel() == 0:
             return
-        bits, dt = self.spec.kivi_bits, self.spec.dtype
+        bits, dt = self.spec.kivi_bits, self.residual.dtype
         res, codes, kst, vst = self.residual, self.data, self.key_stats, self.scales
         open_slot = self.kivi.open_slot.long()
         # read every source first

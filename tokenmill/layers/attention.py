@@ -30,6 +30,7 @@ from tokenmill.kv.cache import LayerKV
 # Rows with at most this many queries go to the paged kernel: decodes, speculative verification rows, tiny
 # prompt chunks. Longer chunks are compute-bound and run through SDPA (a GEMM-based flash attention).
 MAX_PAGED_QUERY_LEN = 16
+_KIVI_RESIDUAL = (torch.float32, torch.float16)  # residual dtypes the C++ KIVI kernel reads
 
 
 @dataclass
@@ -226,7 +227,7 @@ class PagedAttention:
         """Rows of a few queries each, read from the cache in place (packed formats too). Returns
         (out, lse or None); adds the rows' attention weights into `scores` where `score_from` asks."""
         if kv.kivi:
-            if self.kivi_kernel is not None and q.dtype == torch.float32 and kv.res_k.dtype == torch.float32:
+            if self.kivi_kernel is not None and q.dtype == torch.float32 and kv.res_k.dtype in _KIVI_RESIDUAL:
                 out, lse = self.kivi_kernel(
                     q, kv.k, kv.v, kv.k_scale, kv.v_scale, kv.res_k, kv.res_v, kv.open_slot, kv.kivi_bits,
                     block_tables, seq_lens, query_start_loc, self.scale, return_lse, scores, score_from,

@@ -186,14 +186,97 @@ static inline uint8_t affine_code(float x, float mf, float d, float levels) {
   return static_cast<uint8_t>(std::max(0.f, std::min(levels, std::nearbyint((x - mf) / d))));
 }
 
+// Seal and residual writes of rope_kivi_write for residual blocks of type R (float, or at::Half: the default
+// for fp32 activations). A sealed block's tokens are gathered as R, whether they come from this step's rows or
+// from the residual, so a block quantizes the same values whichever step filled it (as kv/kivi.py does).
+template <typename R>
+static void kivi_seal_and_stash(const float* p, int64_t W, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
+                                int64_t RB, int64_t G, int bits, uint8_t* kc, uint8_t* vc, at::Half* kst,
+                                at::Half* vst, R* rk, R* rv, const int64_t* rows, const int64_t* sb,
+                                const int64_t* ss, int64_t S) {
+  const int64_t grp = D / G;
+  const float levels = static_cast<float>((1 << bits) - 1);
+  at::parallel_for(0, S * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kb(bs * D), vb(bs * D);  // the block's keys and values, [bs, D]
+    std::vector<uint8_t> codes(D);
+    std::vector<float> mfs(D), ds(D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / Hkv, h = task % Hkv, blk = sb[i];
+      for (int64_t o = 0; o < bs; ++o) {
+        const int64_t src = ss[i * bs + o];
+        float* kd = kb.data() + o * D;
+        float* vd = vb.data() + o * D;
+        if (src >= 0) {
+          const float* k = p + src * W + (H + h) * D;
+          const float* v = p + src * W + (H + Hkv + h) * D;
+          for (int64_t c = 0; c < D; ++c) kd[c] = static_cast<float>(static_cast<R>(k[c]));
+          for (int64_t c = 0; c < D; ++c) vd[c] = static_cast<float>(static_cast<R>(v[c]));
+        } else {
+          const int64_t rrow = -src - 1, r = rrow / bs, ro = rrow % bs;
+          const R* k = rk + ((r * Hkv + h) * bs + ro) * D;
+          const R* v = rv + ((r * Hkv + h) * bs + ro) * D;
+          for (int64_t c = 0; c < D; ++c) kd[c] = static_cast<float>(k[c]);
+          for (int64_t c = 0; c < D; ++c) vd[c] = static_cast<float>(v[c]);
+        }
+      }
+      at::Half* st = kst + (blk * Hkv + h) * D * 2;
+      for (int64_t c = 0; c < D; ++c) {  // keys: (scale, min) per channel over the block's tokens
+        float lo = kb[c], hi = kb[c];
+        for (int64_t o = 1; o < bs; ++o) lo = std::min(lo, kb[o * D + c]), hi = std::max(hi, kb[o * D + c]);
+        const at::Half sh = static_cast<at::Half>((hi - lo) / levels), mh = static_cast<at::Half>(lo);
+        st[2 * c] = sh;
+        st[2 * c + 1] = mh;
+        const float sf = static_cast<float>(sh);
+        mfs[c] = static_cast<float>(mh);
+        ds[c] = sf > 0.f ? sf : 1.f;
+      }
+      for (int64_t o = 0; o < bs; ++o) {
+        const int64_t row = (blk * Hkv + h) * bs + o;
+        const float* kx = kb.data() + o * D;
+        for (int64_t c = 0; c < D; ++c) codes[c] = affine_code(kx[c], mfs[c], ds[c], levels);
+        pack_row(codes.data(), D, bits, kc + row * RB);
+        at::Half* vs = vst + row * G * 2;  // values: (scale, min) per token and group
+        const float* x = vb.data() + o * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const float* xg = x + g * grp;
+          float lo = xg[0], hi = xg[0];
+          for (int64_t e = 1; e < grp; ++e) lo = std::min(lo, xg[e]), hi = std::max(hi, xg[e]);
+          const at::Half sh = static_cast<at::Half>((hi - lo) / levels), mh = static_cast<at::Half>(lo);
+          vs[2 * g] = sh;
+          vs[2 * g + 1] = mh;
+          const float sf = static_cast<float>(sh), mf = static_cast<float>(mh), d = sf > 0.f ? sf : 1.f;
+          for (int64_t e = 0; e < grp; ++e) codes[g * grp + e] = affine_code(xg[e], mf, d, levels);
+        }
+        pack_row(codes.data(), D, bits, vc + row * RB);
+      }
+    }
+  });
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t rrow = rows[t];
+      if (rrow < 0) continue;
+      const int64_t r = rrow / bs, o = rrow % bs;
+      const float* row = p + t * W;
+      for (int64_t h = 0; h < Hkv; ++h) {
+        R* kd = rk + ((r * Hkv + h) * bs + o) * D;
+        R* vd = rv + ((r * Hkv + h) * bs + o) * D;
+        const float* k = row + (H + h) * D;
+        const float* v = row + (H + Hkv + h) * D;
+        for (int64_t c = 0; c < D; ++c) kd[c] = static_cast<R>(k[c]);
+        for (int64_t c = 0; c < D; ++c) vd[c] = static_cast<R>(v[c]);
+      }
+    }
+  });
+}
+
 // Rotate q/k in place (as rope_kv_write), then for a KIVI cache: (1) seal the blocks this step completes —
 // gather each block's bs tokens per KV head (from this step's rotated rows, or from the residual rows the
 // block filled earlier), quantize the keys per channel and the values per token and group; (2) copy the
 // tokens of blocks still filling into their residual rows. Seals read residual rows before any is written,
 // so a residual a seal frees may take a new block's tokens in the same step.
 // qkv [T, (H + 2 Hkv) * D] fp32; codes [blocks, Hkv, bs, D * bits / 8] uint8; k_stats [blocks, Hkv, D, 2]
-// fp16; v_stats [blocks, Hkv, bs, G, 2] fp16; res [R, Hkv, bs, D] fp32; res_rows [T] int64 (r * bs + offset
-// or -1); seal_blocks [S] int64; seal_src [S, bs] int64 (token t >= 0, or -(residual row) - 1).
+// fp16; v_stats [blocks, Hkv, bs, G, 2] fp16; res [R, Hkv, bs, D] fp32 or fp16; res_rows [T] int64
+// (r * bs + offset or -1); seal_blocks [S] int64; seal_src [S, bs] int64 (token t >= 0, or -(residual row) - 1).
 void rope_kivi_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_codes,
                      torch::Tensor v_codes, torch::Tensor k_stats, torch::Tensor v_stats, torch::Tensor res_k,
                      torch::Tensor res_v, torch::Tensor res_rows, torch::Tensor seal_blocks, torch::Tensor seal_src,
@@ -204,13 +287,15 @@ void rope_kivi_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, to
     TORCH_CHECK(t->is_contiguous(), "kivi cache tensors must be contiguous");
   TORCH_CHECK(k_codes.scalar_type() == at::kByte && v_codes.scalar_type() == at::kByte, "kivi codes: uint8");
   TORCH_CHECK(k_stats.scalar_type() == at::kHalf && v_stats.scalar_type() == at::kHalf, "kivi stats: fp16");
-  TORCH_CHECK(res_k.scalar_type() == at::kFloat && res_v.scalar_type() == at::kFloat, "kivi residual: fp32");
+  TORCH_CHECK(res_k.scalar_type() == res_v.scalar_type() &&
+                  (res_k.scalar_type() == at::kFloat || res_k.scalar_type() == at::kHalf),
+              "kivi residual: fp32 or fp16, K and V alike");
   cos = cos.contiguous(), sin = sin.contiguous();
   res_rows = res_rows.to(torch::kLong).contiguous();
   seal_blocks = seal_blocks.to(torch::kLong).contiguous();
   seal_src = seal_src.to(torch::kLong).contiguous();
   const int64_t T = qkv.size(0), D = res_k.size(3), half = D / 2, bs = k_codes.size(2), RB = k_codes.size(3);
-  const int64_t G = v_stats.size(3), grp = D / G, S = seal_blocks.numel();
+  const int64_t G = v_stats.size(3), S = seal_blocks.numel();
   TORCH_CHECK(RB * 8 == D * bits && D <= 512, "kivi codes: D * bits / 8 bytes a row, D <= 512");
   TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D && cos.size(-1) == half, "qkv/cos shapes");
   TORCH_CHECK(res_rows.numel() == T && (S == 0 || seal_src.size(1) == bs), "res_rows / seal_src shapes");
@@ -228,72 +313,15 @@ void rope_kivi_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, to
   uint8_t* vc = v_codes.data_ptr<uint8_t>();
   at::Half* kst = k_stats.data_ptr<at::Half>();
   at::Half* vst = v_stats.data_ptr<at::Half>();
-  float* rk = res_k.data_ptr<float>();
-  float* rv = res_v.data_ptr<float>();
+  const int64_t* rows = res_rows.data_ptr<int64_t>();
   const int64_t* sb = seal_blocks.data_ptr<int64_t>();
   const int64_t* ss = seal_src.data_ptr<int64_t>();
-  const float levels = static_cast<float>((1 << bits) - 1);
-  at::parallel_for(0, S * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const float*> kp(bs), vp(bs);
-    std::vector<uint8_t> codes(D);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / Hkv, h = task % Hkv, blk = sb[i];
-      for (int64_t o = 0; o < bs; ++o) {
-        const int64_t src = ss[i * bs + o];
-        if (src >= 0) {
-          kp[o] = p + src * W + (H + h) * D;
-          vp[o] = p + src * W + (H + Hkv + h) * D;
-        } else {
-          const int64_t rrow = -src - 1, r = rrow / bs, ro = rrow % bs;
-          kp[o] = rk + ((r * Hkv + h) * bs + ro) * D;
-          vp[o] = rv + ((r * Hkv + h) * bs + ro) * D;
-        }
-      }
-      at::Half* st = kst + (blk * Hkv + h) * D * 2;
-      std::vector<float> mfs(D), ds(D);
-      for (int64_t c = 0; c < D; ++c) {  // keys: (scale, min) per channel over the block's tokens
-        float lo = kp[0][c], hi = kp[0][c];
-        for (int64_t o = 1; o < bs; ++o) lo = std::min(lo, kp[o][c]), hi = std::max(hi, kp[o][c]);
-        const at::Half sh = static_cast<at::Half>((hi - lo) / levels), mh = static_cast<at::Half>(lo);
-        st[2 * c] = sh;
-        st[2 * c + 1] = mh;
-        const float sf = static_cast<float>(sh);
-        mfs[c] = static_cast<float>(mh);
-        ds[c] = sf > 0.f ? sf : 1.f;
-      }
-      for (int64_t o = 0; o < bs; ++o) {
-        const int64_t row = (blk * Hkv + h) * bs + o;
-        for (int64_t c = 0; c < D; ++c) codes[c] = affine_code(kp[o][c], mfs[c], ds[c], levels);
-        pack_row(codes.data(), D, static_cast<int>(bits), kc + row * RB);
-        at::Half* vs = vst + row * G * 2;  // values: (scale, min) per token and group
-        const float* x = vp[o];
-        for (int64_t g = 0; g < G; ++g) {
-          const float* xg = x + g * grp;
-          float lo = xg[0], hi = xg[0];
-          for (int64_t e = 1; e < grp; ++e) lo = std::min(lo, xg[e]), hi = std::max(hi, xg[e]);
-          const at::Half sh = static_cast<at::Half>((hi - lo) / levels), mh = static_cast<at::Half>(lo);
-          vs[2 * g] = sh;
-          vs[2 * g + 1] = mh;
-          const float sf = static_cast<float>(sh), mf = static_cast<float>(mh), d = sf > 0.f ? sf : 1.f;
-          for (int64_t e = 0; e < grp; ++e) codes[g * grp + e] = affine_code(xg[e], mf, d, levels);
-        }
-        pack_row(codes.data(), D, static_cast<int>(bits), vc + row * RB);
-      }
-    }
-  });
-  const int64_t* rows = res_rows.data_ptr<int64_t>();
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t rrow = rows[t];
-      if (rrow < 0) continue;
-      const int64_t r = rrow / bs, o = rrow % bs;
-      const float* row = p + t * W;
-      for (int64_t h = 0; h < Hkv; ++h) {
-        std::memcpy(rk + ((r * Hkv + h) * bs + o) * D, row + (H + h) * D, D * sizeof(float));
-        std::memcpy(rv + ((r * Hkv + h) * bs + o) * D, row + (H + Hkv + h) * D, D * sizeof(float));
-      }
-    }
-  });
+  if (res_k.scalar_type() == at::kHalf)
+    kivi_seal_and_stash(p, W, T, H, Hkv, D, bs, RB, G, static_cast<int>(bits), kc, vc, kst, vst,
+                        res_k.data_ptr<at::Half>(), res_v.data_ptr<at::Half>(), rows, sb, ss, S);
+  else
+    kivi_seal_and_stash(p, W, T, H, Hkv, D, bs, RB, G, static_cast<int>(bits), kc, vc, kst, vst,
+                        res_k.data_ptr<float>(), res_v.data_ptr<float>(), rows, sb, ss, S);
 }
 
 // gate_up: [T, 2I] -> silu(gate) * up: [T, I].

@@ -339,8 +339,9 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
 // block and query row, q * s and q . m are computed once; each key's codes are unpacked once (decode_row) and
 // dotted with every row's q * s. Values are per token and group: each value row is dequantized once and added
 // to every row's accumulator.
+template <typename Res>
 static void kivi_kernel(const float* q, const uint8_t* kc, const uint8_t* vc, const at::Half* kst,
-                        const at::Half* vst, const float* rk, const float* rv, const int32_t* open_slot, int bits,
+                        const at::Half* vst, const Res* rk, const Res* rv, const int32_t* open_slot, int bits,
                         int64_t G, const int64_t* tables, const int64_t* lens, const int64_t* qsl, float* out,
                         float* lse, float* score_out, const int64_t* score_from, int64_t score_len, int64_t B,
                         int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float scale) {
@@ -364,7 +365,7 @@ static void kivi_kernel(const float* q, const uint8_t* kc, const uint8_t* vc, co
         const int32_t r_open = open_slot[blk];
         if (r_open >= 0) {
           for (int64_t o = 0; o < tn; ++o) {
-            const float* k = rk + ((static_cast<int64_t>(r_open) * Hkv + h) * bs + o) * D;
+            const Res* k = rk + ((static_cast<int64_t>(r_open) * Hkv + h) * bs + o) * D;
             rows.score_key(t0 + o, [&](int64_t r) { return dot_row(rows.query(r), k, D); });
           }
           continue;
@@ -406,7 +407,7 @@ static void kivi_kernel(const float* q, const uint8_t* kc, const uint8_t* vc, co
 }
 
 // q [T, H, D] fp32; k_codes, v_codes [blocks, Hkv, bs, D * bits / 8] uint8; k_stats [blocks, Hkv, D, 2] fp16;
-// v_stats [blocks, Hkv, bs, G, 2] fp16; res_k, res_v [R, Hkv, bs, D] fp32; open_slot [blocks] int32; the rest
+// v_stats [blocks, Hkv, bs, G, 2] fp16; res_k, res_v [R, Hkv, bs, D] fp32 or fp16; open_slot [blocks] int32; the rest
 // as paged_attention.
 std::vector<torch::Tensor> kivi_paged_attention(torch::Tensor q, torch::Tensor k_codes, torch::Tensor v_codes,
                                                 torch::Tensor k_stats, torch::Tensor v_stats, torch::Tensor res_k,
@@ -421,7 +422,9 @@ std::vector<torch::Tensor> kivi_paged_attention(torch::Tensor q, torch::Tensor k
     TORCH_CHECK(t->is_contiguous(), "kivi cache tensors must be contiguous");
   TORCH_CHECK(k_codes.scalar_type() == at::kByte && v_codes.scalar_type() == at::kByte, "kivi codes: uint8");
   TORCH_CHECK(k_stats.scalar_type() == at::kHalf && v_stats.scalar_type() == at::kHalf, "kivi stats: fp16");
-  TORCH_CHECK(res_k.scalar_type() == at::kFloat && res_v.scalar_type() == at::kFloat, "kivi residual: fp32");
+  TORCH_CHECK(res_k.scalar_type() == res_v.scalar_type() &&
+                  (res_k.scalar_type() == at::kFloat || res_k.scalar_type() == at::kHalf),
+              "kivi residual: fp32 or fp16, K and V alike");
   TORCH_CHECK(open_slot.scalar_type() == at::kInt && open_slot.numel() == k_codes.size(0), "open_slot: int32 [blocks]");
   q = q.contiguous();
   block_tables = block_tables.to(torch::kLong).contiguous();
@@ -438,11 +441,17 @@ std::vector<torch::Tensor> kivi_paged_attention(torch::Tensor q, torch::Tensor k
   float* score_ptr = score_args.ptr;
   const int64_t* score_from_ptr = score_args.from;
   const int64_t score_len = score_args.len;
-  kivi_kernel(q.data_ptr<float>(), k_codes.data_ptr<uint8_t>(), v_codes.data_ptr<uint8_t>(),
-              k_stats.data_ptr<at::Half>(), v_stats.data_ptr<at::Half>(), res_k.data_ptr<float>(),
-              res_v.data_ptr<float>(), open_slot.data_ptr<int32_t>(), static_cast<int>(bits), G,
-              block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), query_start_loc.data_ptr<int64_t>(),
-              out.data_ptr<float>(), return_lse ? lse.data_ptr<float>() : nullptr, score_ptr, score_from_ptr,
-              score_len, B, H, Hkv, D, bs, block_tables.size(1), static_cast<float>(scale));
+  auto run = [&](auto* rk, auto* rv) {
+    kivi_kernel(q.data_ptr<float>(), k_codes.data_ptr<uint8_t>(), v_codes.data_ptr<uint8_t>(),
+                k_stats.data_ptr<at::Half>(), v_stats.data_ptr<at::Half>(), rk, rv, open_slot.data_ptr<int32_t>(),
+                static_cast<int>(bits), G, block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
+                query_start_loc.data_ptr<int64_t>(), out.data_ptr<float>(),
+                return_lse ? lse.data_ptr<float>() : nullptr, score_ptr, score_from_ptr, score_len, B, H, Hkv, D, bs,
+                block_tables.size(1), static_cast<float>(scale));
+  };
+  if (res_k.scalar_type() == at::kHalf)
+    run(res_k.data_ptr<at::Half>(), res_v.data_ptr<at::Half>());
+  else
+    run(res_k.data_ptr<float>(), res_v.data_ptr<float>());
   return {out, lse};
 }
