@@ -129,7 +129,7 @@ class EngineArgs:
             choices=KV_CACHE_DTYPES,
             help="how K/V are stored: auto (the activations' dtype), int8 (one scale per token and head), int4 "
             "(an fp16 scale and min per group of 32), kivi4/kivi2 (KIVI: keys per channel over each full block, "
-            "values per token, the block being filled in full precision); quantized on write and attended from "
+            "values per token; each sequence's newest and first tokens in fp16, see --kivi-window/--kivi-sinks); quantized on write and attended from "
             "the packed blocks, so --kv-cache-memory holds ~3.8x (int8), ~6.4x (int4), ~5.6x (kivi4) or ~8.7x "
             f"(kivi2) the tokens of fp32 (default: {d.kv_cache_dtype})",
         )
@@ -137,7 +137,7 @@ class EngineArgs:
             "--kivi-window",
             type=int,
             default=d.kivi_window,
-            help="kivi2/kivi4: each sequence's newest full tokens kept in full precision besides the block being "
+            help="kivi2/kivi4: each sequence's newest full tokens kept unquantized (fp16) besides the block being "
             f"filled (KIVI's residual window), rounded up to whole blocks; 0 seals every block as it fills "
             f"(default: {d.kivi_window})",
         )
@@ -145,7 +145,7 @@ class EngineArgs:
             "--kivi-sinks",
             type=int,
             default=d.kivi_sinks,
-            help="kivi2/kivi4: each sequence's first tokens kept in full precision (attention sinks), rounded up "
+            help="kivi2/kivi4: each sequence's first tokens kept unquantized (fp16; attention sinks), rounded up "
             f"to whole blocks (default: {d.kivi_sinks})",
         )
         g.add_argument(

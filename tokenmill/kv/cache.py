@@ -365,7 +365,9 @@ class KVCache:
             self.scales = alloc(
                 (spec.num_layers, *shape[2:-1], spec.kivi_value_groups, 2), dtype=torch.float16, device=device
             )
-            self.residual = alloc((spec.num_layers, 2, r, *shape[3:]), dtype=spec.residual_dtype, device=device)
+            self.residual = alloc(
+                (spec.num_layers, 2, r, *shape[3:]), dtype=spec.residual_dtype, device=device
+            )
             self._layers = [
                 LayerKV(
                     self.data[i, 0],
