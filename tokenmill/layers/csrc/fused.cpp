@@ -7,6 +7,8 @@
 #include <cstring>
 #include <vector>
 
+#include "kivi_checks.h"
+
 // x += delta (when given), then returns weight * x / rms(x). x: [T, D] fp32, updated in place.
 torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor weight, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "x: contiguous fp32 [T, D]");
@@ -282,14 +284,7 @@ void rope_kivi_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, to
                      torch::Tensor res_v, torch::Tensor res_rows, torch::Tensor seal_blocks, torch::Tensor seal_src,
                      int64_t H, int64_t Hkv, int64_t bits) {
   TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.is_contiguous(), "qkv: contiguous fp32");
-  TORCH_CHECK(bits == 2 || bits == 4, "kivi: 2 or 4 bits");
-  for (auto* t : {&k_codes, &v_codes, &k_stats, &v_stats, &res_k, &res_v})
-    TORCH_CHECK(t->is_contiguous(), "kivi cache tensors must be contiguous");
-  TORCH_CHECK(k_codes.scalar_type() == at::kByte && v_codes.scalar_type() == at::kByte, "kivi codes: uint8");
-  TORCH_CHECK(k_stats.scalar_type() == at::kHalf && v_stats.scalar_type() == at::kHalf, "kivi stats: fp16");
-  TORCH_CHECK(res_k.scalar_type() == res_v.scalar_type() &&
-                  (res_k.scalar_type() == at::kFloat || res_k.scalar_type() == at::kHalf),
-              "kivi residual: fp32 or fp16, K and V alike");
+  check_kivi_cache(k_codes, v_codes, k_stats, v_stats, res_k, res_v, bits);
   cos = cos.contiguous(), sin = sin.contiguous();
   res_rows = res_rows.to(torch::kLong).contiguous();
   seal_blocks = seal_blocks.to(torch::kLong).contiguous();

@@ -22,6 +22,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "kivi_checks.h"
+
 // The build's -m flags fix the instruction-set level (cpu_kernels.py), as in quant_linear.cpp.
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -417,15 +419,9 @@ std::vector<torch::Tensor> kivi_paged_attention(torch::Tensor q, torch::Tensor k
                                                 c10::optional<torch::Tensor> scores,
                                                 c10::optional<torch::Tensor> score_from) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat, "kivi_paged_attention: q fp32 [T, H, D]");
-  TORCH_CHECK(bits == 2 || bits == 4, "kivi: 2 or 4 bits");
-  for (auto* t : {&k_codes, &v_codes, &k_stats, &v_stats, &res_k, &res_v, &open_slot})
-    TORCH_CHECK(t->is_contiguous(), "kivi cache tensors must be contiguous");
-  TORCH_CHECK(k_codes.scalar_type() == at::kByte && v_codes.scalar_type() == at::kByte, "kivi codes: uint8");
-  TORCH_CHECK(k_stats.scalar_type() == at::kHalf && v_stats.scalar_type() == at::kHalf, "kivi stats: fp16");
-  TORCH_CHECK(res_k.scalar_type() == res_v.scalar_type() &&
-                  (res_k.scalar_type() == at::kFloat || res_k.scalar_type() == at::kHalf),
-              "kivi residual: fp32 or fp16, K and V alike");
-  TORCH_CHECK(open_slot.scalar_type() == at::kInt && open_slot.numel() == k_codes.size(0), "open_slot: int32 [blocks]");
+  check_kivi_cache(k_codes, v_codes, k_stats, v_stats, res_k, res_v, bits);
+  TORCH_CHECK(open_slot.is_contiguous() && open_slot.scalar_type() == at::kInt && open_slot.numel() == k_codes.size(0),
+              "open_slot: contiguous int32 [blocks]");
   q = q.contiguous();
   block_tables = block_tables.to(torch::kLong).contiguous();
   seq_lens = seq_lens.to(torch::kLong).contiguous();
