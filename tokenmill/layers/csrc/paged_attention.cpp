@@ -85,6 +85,19 @@ static inline void decode_row(const uint8_t* bytes, int bits, int64_t D, int64_t
   }
 }
 
+// A residual row as floats: fp32 rows as they are, fp16 rows widened into buf (F16C where the build has it),
+// once per key or value, for every query row of the task.
+static inline const float* float_row(const float* src, float*, int64_t) { return src; }
+static inline const float* float_row(const at::Half* src, float* buf, int64_t D) {
+  int64_t i = 0;
+#ifdef TM_AVX2
+  for (; i + 8 <= D; i += 8)
+    _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < D; ++i) buf[i] = static_cast<float>(src[i]);
+  return buf;
+}
+
 template <typename C>
 static inline float dot_row(const float* a, const C* b, int64_t D) {
   float s = 0.f;
@@ -367,7 +380,7 @@ static void kivi_kernel(const float* q, const uint8_t* kc, const uint8_t* vc, co
         const int32_t r_open = open_slot[blk];
         if (r_open >= 0) {
           for (int64_t o = 0; o < tn; ++o) {
-            const Res* k = rk + ((static_cast<int64_t>(r_open) * Hkv + h) * bs + o) * D;
+            const float* k = float_row(rk + ((static_cast<int64_t>(r_open) * Hkv + h) * bs + o) * D, buf.data(), D);
             rows.score_key(t0 + o, [&](int64_t r) { return dot_row(rows.query(r), k, D); });
           }
           continue;
@@ -395,7 +408,8 @@ static void kivi_kernel(const float* q, const uint8_t* kc, const uint8_t* vc, co
         const int32_t r_open = open_slot[blk];
         for (int64_t o = 0; o < tn; ++o) {
           if (r_open >= 0) {
-            rows.add_value(t0 + o, rv + ((static_cast<int64_t>(r_open) * Hkv + h) * bs + o) * D, 1.f);
+            rows.add_value(t0 + o, float_row(rv + ((static_cast<int64_t>(r_open) * Hkv + h) * bs + o) * D, buf.data(), D),
+                           1.f);
             continue;
           }
           const int64_t row = (blk * Hkv + h) * bs + o;
