@@ -16,6 +16,7 @@ uses a similar cheap search instead of training).
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import random
@@ -63,8 +64,10 @@ class KeptLayersKV:
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         self.cache.copy_blocks(pairs)
 
-    def prepare_write(self, slot_mapping: torch.Tensor) -> None:
-        self.cache.prepare_write(slot_mapping)
+    def prepare_write(
+        self, slot_mapping: torch.Tensor, seqs: collections.abc.Sequence[tuple[list[int], int]] = ()
+    ) -> None:
+        self.cache.prepare_write(slot_mapping, seqs)
 
 
 def kept_layers(num_layers: int, skip: tuple[int, ...] | list[int]) -> list[int]:
