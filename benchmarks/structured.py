@@ -10,6 +10,14 @@ last token of the batch; the two runs alternate and each column is the best of t
 machine the best run is the one least disturbed; the median is in the JSON). Validity: constrained outputs through `jsonschema`, and,
 for comparison, what the model writes when only asked for JSON in the prompt (no constraint).
 The machine may be shared: compare the two columns of one run, not runs of different days.
+
+Side by side with vLLM's CPU backend (`--engines tokenmill,vllm`; vLLM's venv and converted model as for
+benchmarks/vs_peers.py, `--setup-peers` creates them): the same token-id prompts, schema, temperature and
+batches run in vLLM (benchmarks/peers/vllm_structured.py, its default structured backend xgrammar, bf16) after
+tokenmill is done, one engine at a time, both with `--threads` threads. For this table both engines are timed
+the same way, by wall clock around one `generate` call (tok/s = output tokens / time, prefill included: the
+prompts are ~60 tokens); the compile column is each engine's grammar library on the 30-field schema as the
+engine calls it (llguidance in tokenmill, xgrammar in vLLM).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +35,8 @@ import jsonschema
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # grammar_backends' wide schema
 
 from grammar_backends import wide_schema  # noqa: E402
+from servers import default_gguf  # noqa: E402
+from vs_peers import ensure_vllm, run_worker  # noqa: E402
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
 from tokenmill.structured import StructuredOutputs  # noqa: E402
@@ -98,17 +109,24 @@ def measure(llm: LLM, batch: int, max_tokens: int, repeats: int) -> dict:
         max_tokens=max_tokens, temperature=0.7, seed=0, structured=StructuredOutputs(json=SCHEMA)
     )
     with_rates, free_rates, valid, total = [], [], 0, 0
+    wall: dict[str, list[dict]] = {"with_schema": [], "without_schema": []}
     for _ in range(repeats):
+        t0 = time.perf_counter()
         outs = llm.generate(prompts, constrained, use_tqdm=False)
+        lengths = [len(o.outputs[0].token_ids) for o in outs]
+        wall["with_schema"].append({"elapsed_s": time.perf_counter() - t0, "tokens": sum(lengths)})
         with_rates.append(decode_rate(outs))
         valid += sum(validates(o.outputs[0].text) for o in outs)
         total += len(outs)
-        lengths = [len(o.outputs[0].token_ids) for o in outs]
         free = [SamplingParams(max_tokens=n, temperature=0.7, seed=0, ignore_eos=True) for n in lengths]
-        free_rates.append(decode_rate(llm.generate(prompts, free, use_tqdm=False)))
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, free, use_tqdm=False)
+        wall["without_schema"].append({"elapsed_s": time.perf_counter() - t0, "tokens": sum(lengths)})
+        free_rates.append(decode_rate(outs))
     with_schema, without = max(with_rates), max(free_rates)
     return {
         "batch": batch,
+        **wall,
         "median_tok_s_without_schema": statistics.median(free_rates),
         "median_tok_s_with_schema": statistics.median(with_rates),
         "tok_s_without_schema": without,
@@ -151,16 +169,69 @@ def compile_times(llm: LLM) -> dict:
     }
 
 
+def wall_tok_s(runs: list[dict]) -> float:
+    """Median output tok/s of wall-clock runs (the side-by-side table's measure)."""
+    return statistics.median(r["tokens"] / r["elapsed_s"] for r in runs)
+
+
+def vllm_side(llm: LLM, args: argparse.Namespace, log_dir: Path) -> dict:
+    """The same workload in vLLM's CPU backend (benchmarks/peers/vllm_structured.py), in its own process."""
+    gguf = default_gguf()
+    ensure_vllm(gguf, args.setup_peers)
+    spec = {
+        "prompts": [prompt(llm, PEOPLE[i % len(PEOPLE)])["prompt_token_ids"] for i in range(max(BATCHES))],
+        "schema": SCHEMA,
+        "wide_schema": wide_schema(30),
+        "batches": list(BATCHES),
+        "max_tokens": args.max_tokens,
+        "temperature": 0.7,
+        "repeats": args.repeats,
+        "vocab_size": llm.engine.model_config.vocab_size,
+        "warmup_prompts": [],
+    }
+    worker_args = argparse.Namespace(
+        threads=args.threads, vllm_omp_bind=None, vllm_ld_preload=None, vllm_kvcache_gib=2,
+        worker_timeout=3600, gguf=gguf, gguf_given=False, tokenmill_weights=None,
+    )  # fmt: skip
+    return run_worker("vllm", spec, worker_args, log_dir, worker="structured")
+
+
+def print_side_by_side(tm: dict, peer: dict) -> None:
+    print(
+        "\n| batch | engine | tok/s without schema | tok/s with schema | slower by | valid | 30-field compile ms |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for name, res in (("tokenmill (llguidance)", tm), ("vLLM (xgrammar)", peer)):
+        for r in res["speed"]:
+            free, constrained = wall_tok_s(r["without_schema"]), wall_tok_s(r["with_schema"])
+            print(
+                f"| {r['batch']} | {name} | {free:.1f} | {constrained:.1f} | {100 * (1 - constrained / free):.1f}% "
+                f"| {r['valid']}/{r['outputs']} | {res['compile']['compile_30_fields_ms']:.1f} |"
+            )
+
+
+BATCHES = (1, 16)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="threads of each engine (default: 2)")
+    ap.add_argument(
+        "--engines", default="tokenmill", help="tokenmill, or tokenmill,vllm for the side-by-side table"
+    )
+    ap.add_argument("--setup-peers", action="store_true", help="create vLLM's venv if it is missing")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
-    llm = LLM()
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = sorted(set(engines) - {"tokenmill", "vllm"})
+    if unknown or "tokenmill" not in engines:
+        ap.error(f"--engines: tokenmill or tokenmill,vllm (got {args.engines!r})")
+    llm = LLM(threads=args.threads)
     llm.generate(["warm up"], SamplingParams(max_tokens=4), use_tqdm=False)
     results = {"compile": compile_times(llm), "speed": []}
-    for batch in (1, 16):
+    for batch in BATCHES:
         results["speed"].append(measure(llm, batch, args.max_tokens, args.repeats))
     ok, n = unconstrained_validity(llm, args.max_tokens * 2)
     results["unconstrained_valid"] = [ok, n]
@@ -177,6 +248,10 @@ def main() -> None:
         f"cached {c['cached_compile_ms']:.3f} ms (tokenizer setup, once per engine: {c['tokenizer_setup_ms']:.0f} ms)"
     )
     print(f"without a constraint (JSON asked for in the prompt only): {ok}/{n} outputs validate")
+    if "vllm" in engines:
+        with tempfile.TemporaryDirectory(prefix="structured-vllm-") as log_dir:
+            results["vllm"] = vllm_side(llm, args, Path(log_dir))
+        print_side_by_side(results, results["vllm"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

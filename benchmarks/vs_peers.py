@@ -196,16 +196,19 @@ def engine_env(engine: str, args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def run_worker(engine: str, spec: dict[str, Any], args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
-    """One subprocess in the engine's venv runs all its offline workloads; its `[worker]` lines are echoed."""
+def run_worker(
+    engine: str, spec: dict[str, Any], args: argparse.Namespace, log_dir: Path, worker: str = "worker"
+) -> dict[str, Any]:
+    """One subprocess in the engine's venv runs all its offline workloads (benchmarks/peers/<engine>_<worker>.py);
+    its `[worker]` lines are echoed."""
     python = {"tokenmill": TOKENMILL_PYTHON, "vllm": VLLM_PYTHON, "llamacpp": LLAMACPP_PYTHON}[engine]
     spec = dict(spec, engine=engine, gguf=str(args.gguf), model_dir=str(VLLM_MODEL_DIR))
     spec["model"] = str(args.gguf) if args.gguf_given else None
     spec["weights"] = args.tokenmill_weights
-    spec_path, result_path = log_dir / f"{engine}-spec.json", log_dir / f"{engine}-offline.json"
+    spec_path, result_path = log_dir / f"{engine}-{worker}-spec.json", log_dir / f"{engine}-{worker}.json"
     spec_path.write_text(json.dumps(spec))
-    log_path = log_dir / f"{engine}-offline.log"
-    cmd = [str(python), str(PEERS / f"{engine}_worker.py"), str(spec_path), str(result_path)]
+    log_path = log_dir / f"{engine}-{worker}.log"
+    cmd = [str(python), str(PEERS / f"{engine}_{worker}.py"), str(spec_path), str(result_path)]
     log(f"{DISPLAY[engine]} offline workloads: {' '.join(cmd)}\n  log: {log_path}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **engine_env(engine, args)}
     with open(log_path, "w") as logf:
