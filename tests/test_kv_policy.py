@@ -20,7 +20,11 @@ from tokenmill.layers.cpu_kernels import load_cpu_kernels
 # ---- parsing -------------------------------------------------------------------------------------------------
 def test_policy_strings_round_trip_and_defaults():
     p = parse_kv_policy("snapkv:budget=0.25")
-    assert (p.kind, p.budget, p.window, p.kernel, p.sinks) == ("snapkv", 0.25, 32, 5, 4)
+    assert (p.kind, p.budget, p.window, p.kernel, p.pool, p.sinks) == ("snapkv", 0.25, 32, 9, "max", 4)
+    assert (
+        str(parse_kv_policy("snapkv:budget=64,pool=AVG"))
+        == "snapkv:budget=64,window=32,kernel=9,pool=avg,sinks=4"
+    )
     assert parse_kv_policy(str(p)) == p
     assert parse_kv_policy("h2o:budget=64,recent=8").budget_tokens(1000) == 64
     assert parse_kv_policy("h2o:budget=0.1").budget_tokens(1000) == 100
@@ -39,6 +43,7 @@ def test_policy_strings_round_trip_and_defaults():
         ("h2o:budget=0", "budget"),
         ("h2o:budget=4", "must exceed sinks"),
         ("snapkv:budget=64,kernel=4", "odd"),
+        ("snapkv:budget=64,pool=median", "pool must be one of max, avg"),
         ("streaming:window=abc", "must be a number"),
         ("streaming:window=8,foo=1", "takes"),
         ("streaming:sinks=4", "needs window="),
@@ -85,17 +90,21 @@ def test_h2o_keeps_heavy_hitters_recent_and_sinks_per_head():
     assert not torch.equal(mask[0, 0], mask[0, 1])  # heads choose differently
 
 
-def test_snapkv_pools_scores_and_keeps_the_window():
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_snapkv_pools_scores_and_keeps_the_window(pool):
     g = torch.Generator().manual_seed(2)
     scores = torch.rand(1, 2, 40, generator=g)
-    policy = parse_kv_policy("snapkv:budget=16,window=5,kernel=3,sinks=0")
+    policy = parse_kv_policy(f"snapkv:budget=16,window=5,kernel=3,pool={pool},sinks=0")
     mask = select_keep(policy, _state(scores), 16, 40, 39)
+    combine = max if pool == "max" else (lambda xs: sum(xs) / len(xs))
     for head in range(2):
-        s = scores[0, head]
-        pooled = [float(s[max(0, t - 1) : t + 2].mean()) for t in range(40)]
-        rest = sorted(range(35), key=lambda t: -pooled[t])
-        keep = set(range(35, 40)) | set(rest[:11])
-        assert set(torch.nonzero(mask[0, head]).flatten().tolist()) == keep
+        s = scores[0, head].tolist()
+        pooled = [combine(s[max(0, t - 1) : t + 2]) for t in range(40)]
+        kept = set(torch.nonzero(mask[0, head]).flatten().tolist())
+        chosen, dropped = kept - set(range(35, 40)), set(range(35)) - kept
+        # the window, then the 11 best pooled scores (max pooling ties neighbours: any of equals may win)
+        assert set(range(35, 40)) <= kept and len(chosen) == 11
+        assert min(pooled[t] for t in chosen) >= max(pooled[t] for t in dropped)
 
 
 def test_hole_fill_compacts_kept_tokens_below_the_budget():

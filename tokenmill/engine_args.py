@@ -152,7 +152,7 @@ class EngineArgs:
             "--kv-policy",
             default=d.kv_policy,
             help="default KV eviction policy of requests that name none (a request's kv_policy field overrides "
-            "it): full, streaming:sinks=4,window=N, h2o:budget=B,recent=32, snapkv:budget=B,window=32,kernel=5; "
+            "it): full, streaming:sinks=4,window=N, h2o:budget=B,recent=32, snapkv:budget=B,window=32,kernel=9,pool=max; "
             "B in tokens or as a fraction of the prompt (default: full)",
         )
         g.add_argument(

@@ -86,7 +86,7 @@ def select_keep(
         priority = scores
         forced |= positions > newest_position - policy.recent
     elif policy.kind == "snapkv":
-        priority = _pool(scores, positions, policy.kernel)
+        priority = _pool(scores, positions, policy.kernel, policy.pool)
         forced |= positions >= prompt_len - policy.window
     else:
         raise ValueError(f"policy {policy.kind!r} does not evict")
@@ -98,17 +98,21 @@ def select_keep(
     return mask
 
 
-def _pool(scores: torch.Tensor, positions: torch.Tensor, kernel: int) -> torch.Tensor:
-    """SnapKV's clustering: each token's score averaged with its `kernel` neighbours in position order, so
-    a kept token brings the context around it. Slots are put in position order, pooled and put back."""
+def _pool(scores: torch.Tensor, positions: torch.Tensor, kernel: int, how: str = "max") -> torch.Tensor:
+    """SnapKV's clustering: each token scored by the max (or mean) of the `kernel` scores around it in position
+    order, so a kept token brings its neighbours: a 5-digit key is 5 tokens, and a head that keeps only the
+    digits it attends to most answers with a fragment of the key. Slots are put in position order, pooled and
+    put back."""
     if kernel <= 1:
         return scores
     order = positions.argsort(dim=-1)
     ordered = scores.gather(-1, order)
     layers, heads, s = ordered.shape
-    pooled = F.avg_pool1d(
-        ordered.view(layers * heads, 1, s), kernel, stride=1, padding=kernel // 2, count_include_pad=False
-    )
+    rows = ordered.reshape(layers * heads, 1, s)
+    if how == "max":
+        pooled = F.max_pool1d(rows, kernel, stride=1, padding=kernel // 2)
+    else:
+        pooled = F.avg_pool1d(rows, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
     out = torch.empty_like(scores)
     out.scatter_(-1, order, pooled.view(layers, heads, s))
     return out
