@@ -197,11 +197,17 @@ def engine_env(engine: str, args: argparse.Namespace) -> dict[str, str]:
 
 
 def run_worker(
-    engine: str, spec: dict[str, Any], args: argparse.Namespace, log_dir: Path, worker: str = "worker"
+    engine: str,
+    spec: dict[str, Any],
+    args: argparse.Namespace,
+    log_dir: Path,
+    worker: str = "worker",
+    python: Path | None = None,
 ) -> dict[str, Any]:
     """One subprocess in the engine's venv runs all its offline workloads (benchmarks/peers/<engine>_<worker>.py);
     its `[worker]` lines are echoed."""
-    python = {"tokenmill": TOKENMILL_PYTHON, "vllm": VLLM_PYTHON, "llamacpp": LLAMACPP_PYTHON}[engine]
+    if python is None:
+        python = {"tokenmill": TOKENMILL_PYTHON, "vllm": VLLM_PYTHON, "llamacpp": LLAMACPP_PYTHON}[engine]
     spec = dict(spec, engine=engine, gguf=str(args.gguf), model_dir=str(VLLM_MODEL_DIR))
     spec["model"] = str(args.gguf) if args.gguf_given else None
     spec["weights"] = args.tokenmill_weights
@@ -209,8 +215,9 @@ def run_worker(
     spec_path.write_text(json.dumps(spec))
     log_path = log_dir / f"{engine}-{worker}.log"
     cmd = [str(python), str(PEERS / f"{engine}_{worker}.py"), str(spec_path), str(result_path)]
-    log(f"{DISPLAY[engine]} offline workloads: {' '.join(cmd)}\n  log: {log_path}")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **engine_env(engine, args)}
+    log(f"{DISPLAY.get(engine, engine)} offline workloads: {' '.join(cmd)}\n  log: {log_path}")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+    env.update(engine_env(engine, args))
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, cwd=PEERS
@@ -220,7 +227,9 @@ def run_worker(
             for line in proc.stdout:  # type: ignore[union-attr]
                 logf.write(line)
                 if line.startswith("[worker]"):
-                    print(f"  {DISPLAY[engine]}: {line[9:].rstrip()}", file=sys.stderr, flush=True)
+                    print(
+                        f"  {DISPLAY.get(engine, engine)}: {line[9:].rstrip()}", file=sys.stderr, flush=True
+                    )
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
