@@ -32,7 +32,7 @@ _PARAMS: dict[str, dict[str, float | int | str | None]] = {
     "full": {},
     "streaming": {"sinks": 4, "window": 0, "budget": 0},
     "h2o": {"budget": None, "recent": 32, "sinks": 4},
-    # kernel 9 with max pooling (SnapKV's own code offers both; max is its default): on the default model's
+    # kernel 9 with max pooling (SnapKV's own code offers avg and max pooling): on the default model's
     # passkey prompts at a 25% budget it keeps every key the full cache finds, avg over 5 kept none (README)
     "snapkv": {"budget": None, "window": 32, "kernel": 9, "pool": "max", "sinks": 4},
 }
