@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from servers import default_gguf  # noqa: E402
-from vs_peers import run_worker  # noqa: E402
+from vs_peers import can_import, run_worker, worker_args  # noqa: E402
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
 from tokenmill.bench.modes import parse_floats, parse_ints  # noqa: E402
@@ -65,8 +65,7 @@ def run_tokenmill(mode: str, prompts: list[dict], args: argparse.Namespace) -> d
 
 
 def ensure_kvpress(setup: bool) -> None:
-    code = "import kvpress"
-    if KVPRESS_PYTHON.exists() and subprocess.run([str(KVPRESS_PYTHON), "-c", code]).returncode == 0:
+    if can_import(KVPRESS_PYTHON, "kvpress"):
         return
     print(f"kvpress is not installed in {KVPRESS_VENV}; setup command:\n  {KVPRESS_SETUP}", file=sys.stderr)
     if not setup:
@@ -102,12 +101,10 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens, "threads": args.threads, "window": 32, "kernel": 5,
         "warmup_prompts": [],
     }  # fmt: skip
-    worker_args = argparse.Namespace(
-        threads=args.threads, worker_timeout=7200, gguf=gguf, gguf_given=True, tokenmill_weights=None,
-        vllm_omp_bind=None, vllm_ld_preload=None, vllm_kvcache_gib=0,
-    )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="kvpress-") as log_dir:
-        peer = run_worker("kvpress", spec, worker_args, Path(log_dir), python=KVPRESS_PYTHON)
+        peer = run_worker(
+            "kvpress", spec, worker_args(args.threads, gguf, 7200), Path(log_dir), python=KVPRESS_PYTHON
+        )
 
     rows = []
     for run in peer["runs"]:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # grammar_backends' wi
 
 from grammar_backends import wide_schema  # noqa: E402
 from servers import default_gguf  # noqa: E402
-from vs_peers import ensure_vllm, run_worker  # noqa: E402
+from vs_peers import ensure_vllm, run_worker, worker_args  # noqa: E402
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
 from tokenmill.structured import StructuredOutputs  # noqa: E402
@@ -189,11 +189,7 @@ def vllm_side(llm: LLM, args: argparse.Namespace, log_dir: Path) -> dict:
         "vocab_size": llm.engine.model_config.vocab_size,
         "warmup_prompts": [],
     }
-    worker_args = argparse.Namespace(
-        threads=args.threads, vllm_omp_bind=None, vllm_ld_preload=None, vllm_kvcache_gib=2,
-        worker_timeout=3600, gguf=gguf, gguf_given=False, tokenmill_weights=None,
-    )  # fmt: skip
-    return run_worker("vllm", spec, worker_args, log_dir, worker="structured")
+    return run_worker("vllm", spec, worker_args(args.threads, gguf, 3600), log_dir, worker="structured")
 
 
 def print_side_by_side(tm: dict, peer: dict) -> None:

@@ -196,6 +196,15 @@ def engine_env(engine: str, args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+def worker_args(threads: int, gguf: Path, timeout_s: int) -> argparse.Namespace:
+    """What run_worker reads of vs_peers' command line, for the scripts that reuse it with their own flags
+    (vLLM's defaults, the embedded model)."""
+    return argparse.Namespace(
+        threads=threads, worker_timeout=timeout_s, gguf=gguf, gguf_given=False, tokenmill_weights=None,
+        vllm_omp_bind=None, vllm_ld_preload=None, vllm_kvcache_gib=2,
+    )  # fmt: skip
+
+
 def run_worker(
     engine: str,
     spec: dict[str, Any],
