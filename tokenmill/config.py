@@ -10,7 +10,7 @@ import torch
 
 from tokenmill.formats import WeightFormat
 from tokenmill.kv.policy import KVPolicy, parse_kv_policy
-from tokenmill.spec.config import SpeculativeConfig
+from tokenmill.spec.config import SpeculativeConfig, parse_skip_layers
 
 _DTYPES = {
     "float32": torch.float32,
@@ -126,6 +126,9 @@ class EngineConfig:
     kv_policy: KVPolicy | str = "full"
     # speculative decoding (spec/config.py): a dict like vLLM's, a JSON string, or None (off)
     speculative_config: SpeculativeConfig | dict[str, Any] | str | None = None
+    # Layers every forward pass leaves out (lossy layer skipping, as SkipDecode / Unified Layer Skipping): a
+    # list, "3,5,8", or the JSON file `tokenmill eval layerskip` writes; their K/V is not stored either.
+    skip_layers: tuple[int, ...] | list[int] | str | int | None = None
 
     def __post_init__(self) -> None:
         self.torch_dtype = parse_dtype(self.dtype)
@@ -140,6 +143,12 @@ class EngineConfig:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        self.skip_layers = parse_skip_layers(self.skip_layers)
+        if self.skip_layers and self.speculative_config and self.speculative_config.method == "layerskip":
+            raise ValueError(
+                "skip_layers (lossy layer skipping) and speculative method layerskip cannot be combined: "
+                "give the draft's layers in speculative_config.skip_layers alone"
+            )
         try:
             self.kv_policy = parse_kv_policy(self.kv_policy)
         except ValueError as e:

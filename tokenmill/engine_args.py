@@ -42,6 +42,7 @@ class EngineArgs:
     kivi_sinks: int = EngineConfig.kivi_sinks
     kv_policy: str = "full"
     speculative_config: str | None = None
+    skip_layers: str | None = None
 
     @classmethod
     def add_cli_args(
@@ -160,6 +161,13 @@ class EngineArgs:
             default=d.speculative_config,
             help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
             '"prompt_lookup_min": 2, "prompt_lookup_max": 5}\' (default: off)',
+        )
+        g.add_argument(
+            "--skip-layers",
+            default=d.skip_layers,
+            help="lossy layer skipping: layers every token leaves out, e.g. 16,25, or the JSON file "
+            "`tokenmill eval layerskip --output` writes; their K/V is not stored either (measure the quality "
+            "cost with `tokenmill eval ppl --compare full,skip_layers=16/25`) (default: none)",
         )
         g.add_argument(
             "--slo-tpot",

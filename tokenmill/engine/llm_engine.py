@@ -35,7 +35,7 @@ from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec import DraftAsk, Proposer
 from tokenmill.spec.adaptive import AdaptiveLength
-from tokenmill.spec.config import SpeculativeConfig
+from tokenmill.spec.config import SpeculativeConfig, kept_layers
 from tokenmill.spec.ngram import NgramProposer
 from tokenmill.spec.stats import SpecStats
 from tokenmill.structured.grammar import StructuredBackend
@@ -66,8 +66,10 @@ class LLMEngine:
         self.tokenizer: Tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len
         c = self.model_config
+        # lossy layer skipping: the model runs these layers only, and the cache holds K/V for them alone
+        self.kept_layers = kept_layers(c.num_layers, config.skip_layers) if config.skip_layers else None
         spec = KVCacheSpec(
-            c.num_layers,
+            c.num_layers if self.kept_layers is None else len(self.kept_layers),
             c.num_kv_heads,
             c.head_dim,
             config.block_size,
@@ -113,6 +115,7 @@ class LLMEngine:
             config.torch_device,
             zero=loaded.model.kernels is None,
             residual_blocks=residual or None,
+            model_layers=self.kept_layers,
         )
         self.block_manager.on_free = kv_cache.release_block
         self.runner = ModelRunner(loaded.model, kv_cache, Sampler(self.tokenizer.eos_token_ids))

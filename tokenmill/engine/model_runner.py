@@ -101,7 +101,10 @@ class ModelRunner:
 
     def execute(self, batch: ScheduledBatch, layers: list[int] | None = None) -> StepLogits:
         """The forward pass alone: logits of each sequence's last `num_logits` query tokens, for the
-        sequences that sample (or ask for more rows, as speculative verification does)."""
+        sequences that sample (or ask for more rows, as speculative verification does). `layers`: the model
+        layers to run; default: those the KV cache holds (all, unless the engine skips some)."""
+        if layers is None:
+            layers = self.kv_cache.model_layers
         self.kv_cache.copy_blocks(batch.copies)  # copy-on-write before anything writes into dst
         ordered = sorted(batch.seqs, key=lambda s: s.num_new_tokens > MAX_PAGED_QUERY_LEN)  # stable
         ids: list[int] = []

@@ -330,6 +330,10 @@ class KVCache:
     A KIVI cache also holds `residual_blocks` full-precision blocks for the blocks being filled (kv/kivi.py;
     default: as many as fit one per block up to 16); whoever frees blocks calls `release_block` for each, so a
     block freed while still filling gives its residual back (BlockManager's `on_free`).
+
+    `model_layers`: which of the model's layers the cache holds, in order (a model run with layers skipped,
+    as a lossy mode or as a self-speculative draft, needs no K/V for them); `layer(i)` takes the model's
+    index. Default: layers 0..spec.num_layers-1.
     """
 
     def __init__(
@@ -339,9 +343,18 @@ class KVCache:
         device: torch.device,
         zero: bool = True,
         residual_blocks: int | None = None,
+        model_layers: Sequence[int] | None = None,
     ):
         if num_blocks < 1:
             raise ValueError("the KV cache must hold at least one block")
+        self.model_layers = None if model_layers is None else list(model_layers)
+        if self.model_layers is not None and len(self.model_layers) != spec.num_layers:
+            raise ValueError(
+                f"model_layers names {len(self.model_layers)} layers for a cache of {spec.num_layers}"
+            )
+        self._index = (
+            {layer: i for i, layer in enumerate(self.model_layers)} if self.model_layers is not None else None
+        )
         self.spec = spec
         self.num_blocks = num_blocks
         self.device = device
@@ -408,9 +421,14 @@ class KVCache:
             if t is not None
         )
 
+    def index(self, model_layer: int) -> int:
+        """Where the cache holds model layer `model_layer` (per-layer buffers such as eviction's attention
+        scores follow the cache's order)."""
+        return model_layer if self._index is None else self._index[model_layer]
+
     def layer(self, index: int) -> LayerKV:
-        """One layer's K and V (and scales), views of the cache."""
-        return self._layers[index]
+        """Model layer `index`'s K and V (and scales), views of the cache."""
+        return self._layers[self.index(index)]
 
     # ---- writes ---------------------------------------------------------------------------------
     def prepare_write(self, slot_mapping: torch.Tensor, seqs: Sequence[tuple[list[int], int]] = ()) -> None:

@@ -168,7 +168,7 @@ class LlamaModel:
             kv = kv_cache.layer(i)
             x, h = ops.add_rms_norm(x, delta, layer.input_norm, c.rms_norm_eps)
             q, k, v = ops.rope_write_kv(layer.qkv(h), cos, sin, kv, meta.slot_mapping, self.heads)
-            attn = self.attention(q, k, v, kv, meta, scores=meta.layer_scores(i))
+            attn = self.attention(q, k, v, kv, meta, scores=meta.layer_scores(kv_cache.index(i)))
             x, h = ops.add_rms_norm(
                 x, layer.o_proj(attn.reshape(t, self.heads.q_size)), layer.post_norm, c.rms_norm_eps
             )

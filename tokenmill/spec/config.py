@@ -73,26 +73,13 @@ class SpeculativeConfig:
             raise ValueError(
                 'method "layerskip" needs exactly one of "skip_layers" (a list) or "skip_layers_file"'
             )
-        layers: Any = self.skip_layers
         if self.skip_layers_file is not None:
-            path = Path(self.skip_layers_file)
-            try:
-                saved = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise ValueError(f"skip_layers_file {str(path)!r} cannot be read as JSON: {exc}") from None
-            if not isinstance(saved, dict) or "skip_layers" not in saved:
-                raise ValueError(f'skip_layers_file {str(path)!r} has no "skip_layers" list')
-            layers = saved["skip_layers"]
-        if (
-            not isinstance(layers, (list, tuple))
-            or not layers
-            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
-            or len(set(layers)) != len(layers)
-        ):
-            raise ValueError(
-                f"skip_layers must be a non-empty list of distinct layer indices >= 0, got {layers!r}"
-            )
-        return tuple(sorted(layers))
+            layers = read_skip_layers_file(self.skip_layers_file, "skip_layers_file")
+        else:
+            layers = check_layer_list(self.skip_layers, "skip_layers")
+        if not layers:
+            raise ValueError("skip_layers must name at least one layer for method layerskip")
+        return layers
 
     @classmethod
     def parse(cls, value: SpeculativeConfig | dict[str, Any] | str | None) -> SpeculativeConfig | None:
@@ -111,3 +98,63 @@ class SpeculativeConfig:
         if unknown:
             raise ValueError(f"speculative_config has unknown keys {unknown}; known: {sorted(known)}")
         return cls(**value)
+
+
+# ---- layer lists (speculative layerskip drafts and the engine's lossy --skip-layers) ------------------------
+def check_layer_list(layers: Any, name: str) -> tuple[int, ...]:
+    """Distinct layer indices >= 0, sorted. ValueError naming `name` otherwise."""
+    if not isinstance(layers, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
+    ):
+        raise ValueError(f"{name} must be a list of layer indices >= 0, got {layers!r}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{name} must name distinct layers, got {list(layers)!r}")
+    return tuple(sorted(layers))
+
+
+def read_skip_layers_file(path: str | Path, name: str) -> tuple[int, ...]:
+    """The "skip_layers" list of a JSON file written by `tokenmill eval layerskip`."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{name} {str(path)!r} cannot be read as JSON: {exc}") from None
+    if not isinstance(saved, dict) or "skip_layers" not in saved:
+        raise ValueError(f'{name} {str(path)!r} has no "skip_layers" list')
+    return check_layer_list(saved["skip_layers"], f"{name} {str(path)!r}: skip_layers")
+
+
+def parse_skip_layers(value: Any, name: str = "skip_layers") -> tuple[int, ...]:
+    """Layers to skip from a list, one index, a string "3,5,8" (or "3/5/8": eval modes use commas between
+    modes), or the path of a JSON file written by `tokenmill eval layerskip`. None or "" : none."""
+    if value is None:
+        return ()
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, str):
+        text = value.strip()
+        if not text or text.lower() == "none":
+            return ()
+        pieces = [p.strip() for p in text.replace("/", ",").split(",")]
+        if all(p.isdigit() for p in pieces):
+            value = [int(p) for p in pieces]
+        elif text.endswith(".json") or Path(text).is_file():
+            return read_skip_layers_file(text, name)
+        else:
+            raise ValueError(
+                f"{name} must be layer indices such as 3,5,8 or a JSON file from `tokenmill eval layerskip`, "
+                f"got {value!r}"
+            )
+    return check_layer_list(value, name)
+
+
+def kept_layers(num_layers: int, skip: tuple[int, ...] | list[int], name: str = "skip_layers") -> list[int]:
+    """The layers a model of `num_layers` runs when it skips `skip`."""
+    bad = [i for i in skip if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(
+            f"{name} {bad} are not layers of this model (it has {num_layers}: 0..{num_layers - 1})"
+        )
+    kept = [i for i in range(num_layers) if i not in set(skip)]
+    if not kept:
+        raise ValueError(f"{name} skips all {num_layers} layers; keep at least one")
+    return kept

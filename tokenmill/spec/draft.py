@@ -41,19 +41,18 @@ class _Shadow:
 
 
 class DraftProposer:
-    """Greedy k-token drafts from `model` (running only `layers` when given) over its own paged cache."""
+    """Greedy k-token drafts from `model` over its own paged cache (running the model layers that cache
+    holds: all, or a subset for layer skipping)."""
 
     def __init__(
         self,
         model: LlamaModel,
         kv_cache: KVCache,
         block_manager: BlockManager,
-        layers: list[int] | None = None,
         prior_cost: float = 0.2,
     ):
         self.runner = ModelRunner(model, kv_cache, Sampler(set()))  # only its forward pass is used
         self.block_manager = block_manager
-        self.layers = layers
         self.prior_cost = prior_cost
         self._shadows: dict[int, _Shadow] = {}
         self._request = Request("draft", None, [], SamplingParams())  # shadows need one; nothing reads it
@@ -112,7 +111,7 @@ class DraftProposer:
                 index[seq.seq_id] = i
             if not batch:
                 break
-            step = self.runner.execute(batch, self.layers)
+            step = self.runner.execute(batch)
             guesses = step.logits.argmax(dim=-1).tolist()
             self.num_passes += 1
             for (scheduled, _), token in zip(step.rows, guesses, strict=True):

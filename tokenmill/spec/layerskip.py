@@ -1,7 +1,7 @@
 """Self-speculative drafts (SWIFT, LayerSkip, Draft & Verify): the target model with some layers skipped.
 
-The draft shares the target's weights and keeps its own paged K/V for the layers it runs (KeptLayersKV: a
-cache of len(kept) layers addressed by the target's layer indices). Reusing the target's K/V for the kept
+The draft shares the target's weights and keeps its own paged K/V for the layers it runs (a KVCache of
+len(kept) layers addressed by the target's layer indices: `model_layers`). Reusing the target's K/V for the kept
 layers would save that memory and the catch-up of accepted tokens, but the draft's writes for its guesses
 would have to go into target slots the scheduler has not allocated yet, and the kept layers' K/V would mix
 two different models' values; a cache of its own is simply the draft-model path (spec/draft.py) again, with
@@ -16,7 +16,6 @@ uses a similar cheap search instead of training).
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 import json
 import random
@@ -31,55 +30,16 @@ from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.scheduler import ScheduledBatch, ScheduledSeq
 from tokenmill.engine.sequence import Request, Sequence
-from tokenmill.kv.cache import KVCache, KVCacheSpec, LayerKV
+from tokenmill.kv.cache import KVCache, KVCacheSpec
 from tokenmill.layers.sampler import Sampler
 from tokenmill.models.llama import LlamaModel
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec.adaptive import PRIOR_TOKENS_PER_FIXED, speedup
+from tokenmill.spec.config import kept_layers
 from tokenmill.spec.draft import DraftProposer, decode_weights, draft_num_blocks
 
 if TYPE_CHECKING:
     from tokenmill.models.model_config import ModelConfig
-
-
-class KeptLayersKV:
-    """A KVCache of only the kept layers, addressed by the target's layer indices (what the model's forward
-    and the runner use of a cache: layer(i), block_size, device, copy_blocks, prepare_write)."""
-
-    def __init__(self, cache: KVCache, kept: list[int]):
-        self.cache = cache
-        self._index = {layer: i for i, layer in enumerate(kept)}
-
-    @property
-    def block_size(self) -> int:
-        return self.cache.block_size
-
-    @property
-    def device(self) -> torch.device:
-        return self.cache.device
-
-    def layer(self, index: int) -> LayerKV:
-        return self.cache.layer(self._index[index])
-
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        self.cache.copy_blocks(pairs)
-
-    def prepare_write(
-        self, slot_mapping: torch.Tensor, seqs: collections.abc.Sequence[tuple[list[int], int]] = ()
-    ) -> None:
-        self.cache.prepare_write(slot_mapping, seqs)
-
-
-def kept_layers(num_layers: int, skip: tuple[int, ...] | list[int]) -> list[int]:
-    bad = [i for i in skip if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(
-            f"skip_layers {bad} are not layers of this model (it has {num_layers}: 0..{num_layers - 1})"
-        )
-    kept = [i for i in range(num_layers) if i not in set(skip)]
-    if not kept:
-        raise ValueError(f"skip_layers skips all {num_layers} layers; keep at least one")
-    return kept
 
 
 def layerskip_cost(config: ModelConfig, num_kept: int) -> float:
@@ -103,10 +63,11 @@ def layerskip_proposer(
         target_spec.cache_dtype,
     )  # fmt: skip
     blocks = draft_num_blocks(target_blocks, target_spec.block_size, max_num_seqs, k)
-    cache = KVCache(spec, blocks, device, zero=model.kernels is None, residual_blocks=max_num_seqs)
-    kv = KeptLayersKV(cache, kept)
+    cache = KVCache(
+        spec, blocks, device, zero=model.kernels is None, residual_blocks=max_num_seqs, model_layers=kept
+    )
     bm = BlockManager(blocks, target_spec.block_size, False, on_free=cache.release_block)
-    return DraftProposer(model, kv, bm, layers=kept, prior_cost=layerskip_cost(model.config, len(kept)))  # type: ignore[arg-type]
+    return DraftProposer(model, cache, bm, prior_cost=layerskip_cost(model.config, len(kept)))
 
 
 # ---- calibration --------------------------------------------------------------------------------------------
