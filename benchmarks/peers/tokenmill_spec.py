@@ -1,0 +1,77 @@
+"""tokenmill's side of benchmarks/spec_vs_llamacpp.py: greedy generation of each prompt alone, per speculative
+mode (one engine per mode, prefix caching off so no run reuses another's prompt).
+
+    .venv/bin/python benchmarks/peers/tokenmill_spec.py SPEC.json RESULT.json
+
+Per prompt and repeat: the time of generate(prompt, max_tokens) (stops at the end-of-sequence token), and the
+engine's own first-token-to-last time (decode).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from _common import load_spec, log, write_result
+
+
+def main() -> None:
+    spec, out_path = load_spec()
+    import torch
+
+    from tokenmill import LLM, SamplingParams
+
+    torch.set_num_threads(spec["threads"])
+    prompts: list[list[int]] = spec["prompts"]
+    results: dict[str, Any] = {}
+    for mode in spec["modes"]:
+        name, config = mode["name"], mode.get("speculative_config")
+        start = time.perf_counter()
+        llm = LLM(
+            spec["gguf"],
+            threads=spec["threads"],
+            enable_prefix_caching=False,
+            kv_cache_memory="1GiB",
+            speculative_config=config,
+            max_model_len=spec["max_model_len"],
+        )
+        load_s = time.perf_counter() - start
+        full = SamplingParams(max_tokens=spec["max_tokens"], temperature=0)
+        llm.generate(
+            [{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False
+        )
+        runs = []
+        for repeat in range(spec["repeats"]):
+            for i, p in enumerate(prompts):
+                t = time.perf_counter()
+                request = llm.generate([{"prompt_token_ids": p}], full, use_tqdm=False)[0]
+                tn = time.perf_counter() - t
+                out, m = request.outputs[0], request.metrics
+                n = len(out.token_ids)
+                decode_s = m.finish_time - m.first_token_time
+                runs.append(
+                    {
+                        "prompt": i,
+                        "repeat": repeat,
+                        "tn_s": tn,
+                        "decode_s": decode_s,
+                        "tokens": n,
+                        "output": list(out.token_ids),
+                    }
+                )
+                log(f"{name} prompt {i}: {n} tokens, decode {(n - 1) / max(decode_s, 1e-9):.1f} tok/s")
+        stats = llm.engine.spec_stats
+        results[name] = {
+            "load_s": load_s,
+            "runs": runs,
+            "draft_tokens": stats.num_draft_tokens,
+            "accepted_tokens": stats.num_accepted_tokens,
+            "acceptance_rate": stats.acceptance_rate if stats.num_draft_tokens else None,
+            "mean_acceptance_length": stats.mean_acceptance_length if stats.num_draft_tokens else None,
+        }
+        del llm
+    write_result(out_path, {"modes": results, "info": {"threads": spec["threads"]}})
+
+
+if __name__ == "__main__":
+    main()
