@@ -144,6 +144,10 @@ def test_adaptive_length_is_lossless(tiny_model_dir, draft_dir, plain):
     assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == tokens(plain)
     assert llm.engine.spec_stats.num_draft_tokens > 0
     assert len(set(chosen)) > 1  # k changed along the way
+    # verification is priced on the steps that held decode and verification rows only, never a prompt chunk
+    decode_steps = [n for n, _ in llm.engine.decode_times._samples]
+    assert decode_steps and max(decode_steps) <= len(PROMPTS) * 9
+    assert min(decode_steps) < max(decode_steps)  # plain and verifying steps: a line can be fitted
     assert_no_leaks(llm)
 
 
@@ -190,6 +194,7 @@ def test_eval_layerskip_saves_a_usable_choice(tiny_model_dir, tmp_path, plain):
     saved = json.loads(out.read_text())
     assert saved["num_layers"] == 2 and len(saved["skip_layers"]) == 1
     assert 0.0 <= saved["acceptance"] <= 1.0 and saved["evaluations"] >= 2
+    assert [len(p) for p in saved["path"]] == [1]  # the greedy path, one subset per round (2 layers: 1 round)
     llm = LLM(
         str(tiny_model_dir),
         kv_cache_memory="16MiB",

@@ -17,7 +17,7 @@ from tokenmill.engine.kv_compressor import KVCompressor
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.scheduler import ScheduledBatch, ScheduledSeq, Scheduler
 from tokenmill.engine.sequence import Request, Sequence, SequenceStatus
-from tokenmill.engine.step_budget import StepBudget
+from tokenmill.engine.step_budget import StepBudget, StepTimeFit
 from tokenmill.errors import (
     CONTEXT_LENGTH_EXCEEDED,
     DUPLICATE_REQUEST_ID,
@@ -107,6 +107,7 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, self.max_num_seqs)
         self.step_budget = StepBudget(config.max_num_batched_tokens, config.slo_tpot, config.slo_ttft)
+        self.decode_times = StepTimeFit()  # steps without prompt tokens: what speculation's rows cost
         # The C++ attention kernel reads only written slots, so its cache may start uninitialized (no
         # multi-GiB memset at start-up); the torch path attends over whole blocks under a mask and needs zeros.
         kv_cache = KVCache(
@@ -325,7 +326,10 @@ class LLMEngine:
         computed_before = [s.seq.num_computed_tokens for s in batch.seqs]
         started = time.perf_counter()
         results, failed = self._run_isolated(batch)
-        self.step_budget.observe(batch.num_tokens, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.step_budget.observe(batch.num_tokens, seconds)
+        if all(s.num_new_tokens == 1 + len(s.seq.draft_token_ids) for s in batch.seqs):
+            self.decode_times.observe(batch.num_tokens, seconds)  # decode and verification rows only
         now = time.time()
         touched: dict[str, Request] = {}
         for scheduled in batch.seqs:
@@ -441,6 +445,12 @@ class LLMEngine:
         ]
         return budget.budget(len(sched.running), pending)
 
+    def _decode_fit(self) -> tuple[float, float] | None:
+        """The step-time line adaptive k prices verification with: fitted on decode and verification steps
+        alone once they vary in size (a few rows cost per row what a prompt chunk's many rows do not:
+        below the GEMM threshold the packed kernels decode the weights for every row), else on all steps."""
+        return self.decode_times.fit() or self.step_budget.fit()
+
     def _propose_drafts(self) -> None:
         """Give every decoding sequence up to k draft tokens, never past its max_tokens or the context: the
         next step verifies them together with the sequence's next token. k is fixed, or chosen per step by
@@ -454,7 +464,7 @@ class LLMEngine:
         k = spec.num_speculative_tokens
         probe = 0
         if self.adaptive is not None:
-            k = self.adaptive.choose(len(decoding), self.step_budget.fit())
+            k = self.adaptive.choose(len(decoding), self._decode_fit())
             probe = self.adaptive.probe() if k == 0 else 0
         asks = []
         for seq in decoding:
@@ -473,7 +483,7 @@ class LLMEngine:
         by_id = {seq.seq_id: seq for seq in decoding}
         for ask, tokens in zip(asks, drafts, strict=True):
             by_id[ask.seq_id].draft_token_ids = list(tokens[: ask.k])
-        fit = self.step_budget.fit()
+        fit = self._decode_fit()
         if self.adaptive is not None and fit is not None:
             passes = max(len(t) for t in drafts) or 1
             self.adaptive.observe_draft_cost(seconds / passes, fit[0] + fit[1] * len(asks))

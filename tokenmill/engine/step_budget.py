@@ -27,13 +27,10 @@ MIN_OBSERVATIONS = 8  # steps seen before the fit is trusted; until then the con
 
 
 @dataclass
-class StepBudget:
-    max_tokens: int  # the configured --max-num-batched-tokens: never exceeded
-    slo_tpot_s: float | None  # target time per output token; None: always the maximum (throughput first)
-    slo_ttft_s: float | None = None  # target time to first token; None: TTFT does not raise the budget
-    min_chunk: int = 32  # prompt tokens a step may always add, so waiting prompts are never starved
-    headroom: float = 0.85  # plan for this fraction of the target: step times vary
-    window: int = 128  # recent steps in the fit
+class StepTimeFit:
+    """seconds = fixed + per_token * tokens, fitted by least squares over the last `window` steps observed."""
+
+    window: int = 128
     _samples: deque[tuple[int, float]] = field(default_factory=deque, repr=False)
 
     def observe(self, num_tokens: int, seconds: float) -> None:
@@ -57,6 +54,24 @@ class StepBudget:
         slope = sum((x - mean_x) * (y - mean_y) for x, y in self._samples) / var
         slope = max(slope, 1e-7)
         return max(mean_y - slope * mean_x, 0.0), slope
+
+
+@dataclass
+class StepBudget:
+    max_tokens: int  # the configured --max-num-batched-tokens: never exceeded
+    slo_tpot_s: float | None  # target time per output token; None: always the maximum (throughput first)
+    slo_ttft_s: float | None = None  # target time to first token; None: TTFT does not raise the budget
+    min_chunk: int = 32  # prompt tokens a step may always add, so waiting prompts are never starved
+    headroom: float = 0.85  # plan for this fraction of the target: step times vary
+    times: StepTimeFit = field(default_factory=StepTimeFit)  # the recent steps' time line
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        """Record a step that ran num_tokens tokens in `seconds` of wall time."""
+        self.times.observe(num_tokens, seconds)
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per token) of the recent steps, or None while too few or too alike."""
+        return self.times.fit()
 
     def budget(self, num_decodes: int, pending: Iterable[tuple[float, int]] = ()) -> int:
         """Tokens the next step may carry when num_decodes sequences are decoding in it. `pending`: for the

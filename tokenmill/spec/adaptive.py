@@ -3,7 +3,8 @@
 The rule is SmartSpec's goodput test with SpecDec++'s acceptance model. With a per-token acceptance rate a,
 k drafts yield E(k) = (1 - a^(k+1)) / (1 - a) tokens per sequence and verification. A step of B decoding
 sequences costs T(B) plain, and T(B(k+1)) + k * c * T(B) with k drafts, where T(n) = fixed + per_token * n
-is the target's step time for n query tokens (fitted on the steps the engine ran: StepBudget.fit) and c is
+is the target's step time for n query tokens (fitted on the decode and verification steps the engine ran,
+StepTimeFit, so few-row steps are priced as they run, not as a prompt chunk's rows) and c is
 one draft pass relative to a plain step (measured on the proposer's calls; prompt lookup: about 0). The
 chosen k maximises E(k) T(B) / (T(B(k+1)) + k c T(B)); when no k beats plain decoding by `min_gain`, k = 0.
 At large batch T grows with the tokens, the (k + 1)-fold verify dominates, and speculation switches off.

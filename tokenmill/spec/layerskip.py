@@ -100,6 +100,9 @@ class SkipSearchResult:
     evaluations: int
     seconds: float
     trials: list[dict] = field(default_factory=list)  # every subset scored: skip_layers, acceptance, score
+    # the greedy path: round n's subset skips n layers, the best n-th layer to add to round n - 1's (the
+    # candidates for lossy layer skipping, `--skip-layers`, at each depth)
+    path: list[list[int]] = field(default_factory=list)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
@@ -141,6 +144,7 @@ def search_skip_layers(
     # Greedy path: each round skips the one more layer that scores best, even when that round scores below
     # the last (a cheaper draft several layers on can win again); the best subset on the path is kept.
     path: tuple[int, ...] = ()
+    rounds: list[list[int]] = []
     current: tuple[int, ...] = ()
     current_score = 0.0
     while len(scores) < max_evals:
@@ -149,6 +153,7 @@ def search_skip_layers(
         if not options:
             break
         path = max(options, key=score)
+        rounds.append(list(path))
         if scores[path][0] > current_score:
             current, current_score = path, scores[path][0]
         if scores[path][1] < MIN_AGREEMENT:
@@ -167,5 +172,5 @@ def search_skip_layers(
     _, agree, k = scores[current]
     return SkipSearchResult(
         list(current), n, agree, layerskip_cost(c, n - len(current)), k, current_score, len(scores),
-        time.perf_counter() - started, trials,
+        time.perf_counter() - started, trials, rounds,
     )  # fmt: skip

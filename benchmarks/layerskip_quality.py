@@ -1,0 +1,125 @@
+"""Lossy layer skipping (`--skip-layers`): the quality it costs and the speed it buys, per number of skipped
+layers, on the default model (or --model).
+
+    python benchmarks/layerskip_quality.py [--search skip.json] [--depths 1,2,4,6,8] [--json out.json]
+
+Which layers: the greedy path of `tokenmill eval layerskip` (its `path`: at depth n, the n layers whose
+skipping keeps the teacher-forced greedy agreement with the full model highest, each round adding one to
+the last), read from --search or searched here first (calibration: the first 256 tokens of CPython's pydoc
+topics). Then, for the full model and each depth, through the quality harness (`tokenmill eval`):
+perplexity on the pydoc topics after the calibration part (disjoint 1,024-token windows), passkey retrieval
+(raw prompts of 512-2,048 tokens at 5 depths), and batch-1 decode tokens/s (greedy, 128 new tokens,
+median of 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.bench.ppl import evaluate_ppl
+from tokenmill.bench.quality import reference_text
+from tokenmill.bench.retrieval import evaluate_passkey
+from tokenmill.entrypoints.env_info import env_report
+from tokenmill.spec.layerskip import search_skip_layers
+
+CALIBRATION_TOKENS = 256
+PPL_OFFSET_CHARS = 20_000  # perplexity text starts well past the calibration tokens
+
+
+def search(model: str | None, out: Path, max_evals: int) -> dict:
+    llm = LLM(model, enable_prefix_caching=False)
+    engine = llm.engine
+    tokens = engine.tokenizer.encode(reference_text())[:CALIBRATION_TOKENS]
+    result = search_skip_layers(
+        engine.runner.model, engine.kv_spec, tokens, engine.config.torch_device, max_evals=max_evals
+    )
+    result.save(out)
+    return json.loads(out.read_text())
+
+
+def decode_rate(model: str | None, skip: list[int], repeats: int = 3) -> float:
+    llm = LLM(model, skip_layers=skip or None, enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+    rates = []
+    for i in range(repeats + 1):  # the first run warms up
+        out = llm.generate(
+            [f"Write a short story about a lighthouse keeper, part {i}."], params, use_tqdm=False
+        )[0]
+        m = out.metrics
+        if i:
+            rates.append((len(out.outputs[0].token_ids) - 1) / (m.finish_time - m.first_token_time))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", "-m", default=None)
+    p.add_argument("--search", default="/tmp/layerskip-path.json", help="the search's JSON (run if missing)")
+    p.add_argument("--max-evals", type=int, default=260)
+    p.add_argument("--depths", default="1,2,4,6,8")
+    p.add_argument("--ppl-tokens", type=int, default=8192)
+    p.add_argument("--lengths", default="512,1024,2048")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    path = Path(args.search)
+    saved = json.loads(path.read_text()) if path.exists() else search(args.model, path, args.max_evals)
+    rounds = saved.get("path") or []
+    depths = [int(d) for d in args.depths.split(",")]
+    sets = {0: []} | {d: rounds[d - 1] for d in depths if d <= len(rounds)}
+    missing = [d for d in depths if d > len(rounds)]
+    if missing:
+        print(f"the search's path stops at {len(rounds)} layers; no row for {missing}", file=sys.stderr)
+    modes = {d: "full" if not s else "skip_layers=" + "/".join(map(str, s)) for d, s in sets.items()}
+    options = {"model": args.model} if args.model else {}
+    text = reference_text()[PPL_OFFSET_CHARS:]
+    ppl = {
+        r.mode: r
+        for r in evaluate_ppl(text, list(modes.values()), num_tokens=args.ppl_tokens, engine_options=options)
+    }
+    lengths = [int(x) for x in args.lengths.split(",")]
+    keys = {
+        r.mode: r for r in evaluate_passkey(list(modes.values()), lengths=lengths, engine_options=options)
+    }
+    rows = []
+    for d, skip in sets.items():
+        mode = modes[d]
+        agree = next(
+            (t["acceptance"] for t in saved["trials"] if sorted(t["skip_layers"]) == sorted(skip)), 1.0
+        )
+        rows.append(
+            {
+                "skipped": d, "layers": skip, "agreement": agree, "perplexity": ppl[mode].perplexity,
+                "kv_bytes_per_token": ppl[mode].kv_cache_bytes_per_token,
+                "passkey": keys[mode].accuracy, "passkey_total": len(keys[mode].samples),
+                "decode_tok_s": decode_rate(args.model, skip),
+            }
+        )  # fmt: skip
+    env = env_report(load=False)
+    print(
+        f"\n{env['cpu_model']}, ISA {env['isa']}, {env['threads_default']} threads; {saved['num_layers']} layers"
+    )
+    print(
+        "| skipped | layers | teacher-forced agreement | perplexity | KV bytes/token | passkey | decode tok/s |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    base = rows[0]
+    for r in rows:
+        print(
+            f"| {r['skipped']} | {r['layers'] or '-'} | {r['agreement']:.2f} | {r['perplexity']:.2f} "
+            f"({r['perplexity'] / base['perplexity']:.2f}x) | {r['kv_bytes_per_token']} | "
+            f"{round(r['passkey'] * r['passkey_total'])}/{r['passkey_total']} | {r['decode_tok_s']:.1f} "
+            f"({r['decode_tok_s'] / base['decode_tok_s']:.2f}x) |"
+        )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"cpu": env["cpu_model"], "rows": rows, "search": str(path)}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()
