@@ -8,8 +8,8 @@ skipping keeps the teacher-forced greedy agreement with the full model highest, 
 the last), read from --search or searched here first (calibration: the first 256 tokens of CPython's pydoc
 topics). Then, for the full model and each depth, through the quality harness (`tokenmill eval`):
 perplexity on the pydoc topics after the calibration part (disjoint 1,024-token windows), passkey retrieval
-(raw prompts of 512-2,048 tokens at 5 depths), and batch-1 decode tokens/s (greedy, 128 new tokens,
-median of 3).
+(raw prompts of 512-2,048 tokens at 5 depths), and batch-1 decode tokens/s (greedy, 128 new tokens, every
+set in turn for 5 rounds after a warm-up, median).
 """
 
 from __future__ import annotations
@@ -42,18 +42,20 @@ def search(model: str | None, out: Path, max_evals: int) -> dict:
     return json.loads(out.read_text())
 
 
-def decode_rate(model: str | None, skip: list[int], repeats: int = 3) -> float:
-    llm = LLM(model, skip_layers=skip or None, enable_prefix_caching=False)
+def decode_rates(model: str | None, skips: dict[int, list[int]], rounds: int = 5) -> dict[int, float]:
+    """Batch-1 decode tok/s per skip set: all engines loaded at once and run in turn, round after round (so
+    a slow stretch of a shared machine hits every set alike); the median over rounds, the first dropped."""
+    llms = {d: LLM(model, skip_layers=skip or None, enable_prefix_caching=False) for d, skip in skips.items()}
     params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
-    rates = []
-    for i in range(repeats + 1):  # the first run warms up
-        out = llm.generate(
-            [f"Write a short story about a lighthouse keeper, part {i}."], params, use_tqdm=False
-        )[0]
-        m = out.metrics
-        if i:
-            rates.append((len(out.outputs[0].token_ids) - 1) / (m.finish_time - m.first_token_time))
-    return statistics.median(rates)
+    rates: dict[int, list[float]] = {d: [] for d in skips}
+    for i in range(rounds + 1):
+        for d, llm in llms.items():
+            prompt = f"Write a short story about a lighthouse keeper, part {i}."
+            out = llm.generate([prompt], params, use_tqdm=False)[0]
+            m = out.metrics
+            if i:
+                rates[d].append((len(out.outputs[0].token_ids) - 1) / (m.finish_time - m.first_token_time))
+    return {d: statistics.median(r) for d, r in rates.items()}
 
 
 def main() -> None:
@@ -85,6 +87,7 @@ def main() -> None:
     keys = {
         r.mode: r for r in evaluate_passkey(list(modes.values()), lengths=lengths, engine_options=options)
     }
+    speed = decode_rates(args.model, sets)
     rows = []
     for d, skip in sets.items():
         mode = modes[d]
@@ -96,7 +99,7 @@ def main() -> None:
                 "skipped": d, "layers": skip, "agreement": agree, "perplexity": ppl[mode].perplexity,
                 "kv_bytes_per_token": ppl[mode].kv_cache_bytes_per_token,
                 "passkey": keys[mode].accuracy, "passkey_total": len(keys[mode].samples),
-                "decode_tok_s": decode_rate(args.model, skip),
+                "decode_tok_s": speed[d],
             }
         )  # fmt: skip
     env = env_report(load=False)

@@ -3,6 +3,7 @@ prompt lookup on input-grounded prompts (the default model), a draft model on co
 Qwen2.5-Coder pair: 0.5B drafting for 1.5B).
 
     python benchmarks/spec_vs_llamacpp.py [--workloads grounded,code] [--repeats 3] [--json out.json]
+    python benchmarks/spec_vs_llamacpp.py --workloads grounded --batch 16   # tokenmill alone, 16 at once
 
 Each engine runs in its own process and venv, one after the other (benchmarks/peers/tokenmill_spec.py,
 benchmarks/peers/llamacpp_spec.py), greedy, every prompt alone, until the end-of-sequence token or
@@ -132,6 +133,18 @@ def summarise(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def summarise_batch(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per mode: the median over repeats of output tokens / wall time of the whole batch."""
+    return {
+        name: {
+            "tok_s": statistics.median(r["tokens"] / r["tn_s"] for r in mode["runs"]),
+            "acceptance_rate": mode.get("acceptance_rate"),
+            "draft_tokens": mode.get("draft_tokens"),
+        }
+        for name, mode in result["modes"].items()
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default="grounded,code")
@@ -141,6 +154,9 @@ def main() -> None:
     p.add_argument("--code-max-tokens", type=int, default=64)
     p.add_argument("--code-prompts", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--batch", type=int, default=1, help="B > 1: tokenmill only, B prompts in one generate (default: 1)"
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--log-dir", default=None)
     args = p.parse_args()
@@ -170,6 +186,19 @@ def main() -> None:
             "max_model_len": 2048, "draft_gguf": str(draft) if draft else None,
         }  # fmt: skip
         print(f"{workload}: {len(prompts)} prompts of {[len(q) for q in prompts]} tokens", file=sys.stderr)
+        if args.batch > 1:
+            engine_spec = dict(spec, modes=WORKLOADS[workload]["tokenmill"], batch=args.batch)
+            wa = worker_args(args.threads, Path(gguf), 3600)
+            cells = {
+                "tokenmill": summarise_batch(run_worker("tokenmill", engine_spec, wa, log_dir, worker="spec"))
+            }
+            report["workloads"][workload] = cells
+            base = cells["tokenmill"]["plain"]["tok_s"]
+            print(f"\n{workload} ({report['cpu']}, {args.threads} threads, batch {args.batch}, greedy):")
+            for name, c in cells["tokenmill"].items():
+                acc = "" if c["acceptance_rate"] is None else f"acceptance {c['acceptance_rate']:.2f}"
+                print(f"tokenmill  {name:20} {c['tok_s']:8.1f} tok/s {c['tok_s'] / base:6.2f}x  {acc}")
+            continue
         cells = {}
         for engine in engines:
             engine_spec = dict(spec, modes=WORKLOADS[workload][engine])

@@ -3,8 +3,9 @@ mode (one engine per mode, prefix caching off so no run reuses another's prompt)
 
     .venv/bin/python benchmarks/peers/tokenmill_spec.py SPEC.json RESULT.json
 
-Per prompt and repeat: the time of generate(prompt, max_tokens) (stops at the end-of-sequence token), and the
-engine's own first-token-to-last time (decode).
+Batch 1 (default), per prompt and repeat: the time of generate(prompt, max_tokens) (stops at the end-of-sequence token), and the
+engine's own first-token-to-last time (decode). With "batch": B in the spec, every repeat is one generate
+of B prompts (the prompts repeated in turn) and records output tokens over its wall time.
 """
 
 from __future__ import annotations
@@ -41,7 +42,16 @@ def main() -> None:
             [{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False
         )
         runs = []
-        for repeat in range(spec["repeats"]):
+        batch = spec.get("batch", 1)
+        for repeat in range(spec["repeats"] if batch > 1 else 0):  # all prompts at once, batch copies of each
+            many = [{"prompt_token_ids": p} for p in prompts] * (batch // len(prompts))
+            t = time.perf_counter()
+            outs = llm.generate(many, full, use_tqdm=False)
+            tn = time.perf_counter() - t
+            n = sum(len(o.outputs[0].token_ids) for o in outs)
+            runs.append({"repeat": repeat, "tn_s": tn, "tokens": n, "sequences": len(many)})
+            log(f"{name} batch {len(many)}: {n} tokens, {n / tn:.1f} tok/s")
+        for repeat in range(spec["repeats"] if batch == 1 else 0):
             for i, p in enumerate(prompts):
                 t = time.perf_counter()
                 request = llm.generate([{"prompt_token_ids": p}], full, use_tqdm=False)[0]
