@@ -39,7 +39,7 @@ def text() -> str:
         ("auto", {}),
         ("int8", {"kv_cache_dtype": "int8"}),
         ("kivi2", {"kv_cache_dtype": "kivi2"}),
-        ("bf16", {"kv_cache_dtype": "bf16"}),
+        ("dtype=bfloat16", {"dtype": "bfloat16"}),
         ("streaming:sinks=4,window=256", {"kv_policy": "streaming:sinks=4,window=256"}),
         ("h2o:budget=256,recent=32", {"kv_policy": "h2o:budget=256,recent=32"}),
         ("snapkv:budget=128", {"kv_policy": "snapkv:budget=128"}),
@@ -61,6 +61,8 @@ def test_kv_mode_overrides(mode, expected):
         ("h2o", "needs its parameters"),
         ("lru:size=3", "unknown KV policy"),
         ("", "empty"),
+        ("fp32", "name it `full`"),
+        ("bf16", "name it `full`"),
     ],
 )
 def test_bad_mode_is_a_clear_error(mode, words):

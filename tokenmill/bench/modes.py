@@ -9,7 +9,8 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-KV_DTYPES = ("int8", "int4", "kivi2", "kivi4", "fp32", "bf16")
+KV_DTYPES = ("int8", "int4", "kivi2", "kivi4")
+FULL_PRECISION_NAMES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "f16")
 KV_POLICIES = ("streaming", "h2o", "snapkv", "full")
 AS_CONFIGURED = ("full", "auto")
 
@@ -52,6 +53,11 @@ def kv_mode_overrides(mode: str) -> dict[str, Any]:
         return {}
     if text in KV_DTYPES:
         return {"kv_cache_dtype": text}
+    if text in FULL_PRECISION_NAMES:
+        raise ValueError(
+            f"KV mode {mode!r}: an unquantized cache stores the activations' dtype; name it `full` and set "
+            "the dtype with --dtype (e.g. --dtype bfloat16), or compare dtypes as dtype=bfloat16"
+        )
     if ":" in text:
         head = text.split(":", 1)[0].strip()
         if head in KV_POLICIES:
