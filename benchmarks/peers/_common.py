@@ -143,3 +143,20 @@ def run_all(
 def write_result(path: str, result: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
+
+
+def single_run(
+    mode: str, prompt: int, repeat: int, seconds: float, decode_s: float, output: list[int]
+) -> dict[str, Any]:
+    """One prompt's greedy run for the speculative-decoding workers (*_spec.py), logged as it is recorded:
+    whole-call seconds, first-to-last-token seconds, the tokens."""
+    n = len(output)
+    log(f"{mode} prompt {prompt}: {n} tokens, decode {(n - 1) / max(decode_s, 1e-9):.1f} tok/s")
+    return {
+        "prompt": prompt,
+        "repeat": repeat,
+        "tn_s": seconds,
+        "decode_s": decode_s,
+        "tokens": n,
+        "output": output,
+    }

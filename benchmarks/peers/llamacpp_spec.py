@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from _common import load_spec, log, write_result
+from _common import load_spec, single_run, write_result
 
 
 def generate(llm: Any, prompt: list[int], max_tokens: int) -> tuple[list[int], float]:
@@ -107,18 +107,7 @@ def main() -> None:
                 t = time.perf_counter()
                 out, decode_s = generate(llm, p, spec["max_tokens"])
                 tn = time.perf_counter() - t
-                n = len(out)
-                runs.append(
-                    {
-                        "prompt": i,
-                        "repeat": repeat,
-                        "tn_s": tn,
-                        "decode_s": decode_s,
-                        "tokens": n,
-                        "output": out,
-                    }
-                )
-                log(f"{name} prompt {i}: {n} tokens, decode {(n - 1) / max(decode_s, 1e-9):.1f} tok/s")
+                runs.append(single_run(name, i, repeat, tn, decode_s, out))
         results[name] = {"load_s": load_s, "runs": runs}
         del llm, drafter
     info = {"version": lc.__version__, "threads": threads, "flash_attn": True}

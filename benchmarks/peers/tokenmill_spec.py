@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from _common import load_spec, log, write_result
+from _common import load_spec, log, single_run, write_result
 
 
 def main() -> None:
@@ -57,19 +57,8 @@ def main() -> None:
                 request = llm.generate([{"prompt_token_ids": p}], full, use_tqdm=False)[0]
                 tn = time.perf_counter() - t
                 out, m = request.outputs[0], request.metrics
-                n = len(out.token_ids)
                 decode_s = m.finish_time - m.first_token_time
-                runs.append(
-                    {
-                        "prompt": i,
-                        "repeat": repeat,
-                        "tn_s": tn,
-                        "decode_s": decode_s,
-                        "tokens": n,
-                        "output": list(out.token_ids),
-                    }
-                )
-                log(f"{name} prompt {i}: {n} tokens, decode {(n - 1) / max(decode_s, 1e-9):.1f} tok/s")
+                runs.append(single_run(name, i, repeat, tn, decode_s, list(out.token_ids)))
         stats = llm.engine.spec_stats
         results[name] = {
             "load_s": load_s,
