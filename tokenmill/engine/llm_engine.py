@@ -328,7 +328,9 @@ class LLMEngine:
         results, failed = self._run_isolated(batch)
         seconds = time.perf_counter() - started
         self.step_budget.observe(batch.num_tokens, seconds)
-        if all(s.num_new_tokens == 1 + len(s.seq.draft_token_ids) for s in batch.seqs):
+        if self.adaptive is not None and all(
+            s.num_new_tokens == 1 + len(s.seq.draft_token_ids) for s in batch.seqs
+        ):
             self.decode_times.observe(batch.num_tokens, seconds)  # decode and verification rows only
         now = time.time()
         touched: dict[str, Request] = {}
