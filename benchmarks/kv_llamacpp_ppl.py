@@ -23,13 +23,12 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vs_peers import LLAMACPP_PYTHON, run_worker, worker_args  # noqa: E402
+from vs_peers import LLAMACPP_PYTHON, ModelInfo, run_worker, worker_args  # noqa: E402
 
 from tokenmill.bench.ppl import evaluate_ppl, make_windows  # noqa: E402
 from tokenmill.bench.quality import reference_text  # noqa: E402
 from tokenmill.entrypoints.env_info import env_report  # noqa: E402
 from tokenmill.models.source import resolve_model  # noqa: E402
-from tokenmill.models.tokenizer import Tokenizer  # noqa: E402
 
 WINDOW = 1024
 TOKENMILL_MODES = ["full", "int8", "int4", "kivi4", "kivi2"]  # full: the fp32 cache
@@ -51,10 +50,8 @@ def main() -> None:
             f"llama-cpp-python is not installed at {LLAMACPP_PYTHON} (see benchmarks/vs_peers.py)"
         )
     gguf = resolve_model(None).path
-    from tokenmill.models.gguf import GGUFModel
-
     text = reference_text()
-    tokens = Tokenizer.from_gguf_metadata(GGUFModel(gguf).metadata).encode(text)[: args.tokens]
+    tokens = ModelInfo(gguf).tokenizer.encode(text)[: args.tokens]
     windows = make_windows(len(tokens), WINDOW)
     ours = evaluate_ppl(
         text,

@@ -21,11 +21,11 @@ import sys
 from pathlib import Path
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.bench.layerskip_search import search_on_text
 from tokenmill.bench.ppl import evaluate_ppl
 from tokenmill.bench.quality import reference_text
 from tokenmill.bench.retrieval import evaluate_passkey
 from tokenmill.entrypoints.env_info import env_report
-from tokenmill.spec.layerskip import search_skip_layers
 
 CALIBRATION_TOKENS = 256
 PPL_OFFSET_CHARS = 20_000  # perplexity text starts well past the calibration tokens
@@ -33,12 +33,7 @@ PPL_OFFSET_CHARS = 20_000  # perplexity text starts well past the calibration to
 
 def search(model: str | None, out: Path, max_evals: int) -> dict:
     llm = LLM(model, enable_prefix_caching=False)
-    engine = llm.engine
-    tokens = engine.tokenizer.encode(reference_text())[:CALIBRATION_TOKENS]
-    result = search_skip_layers(
-        engine.runner.model, engine.kv_spec, tokens, engine.config.torch_device, max_evals=max_evals
-    )
-    result.save(out)
+    search_on_text(llm, reference_text(), CALIBRATION_TOKENS, max_evals=max_evals).save(out)
     return json.loads(out.read_text())
 
 

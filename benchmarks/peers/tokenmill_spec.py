@@ -16,6 +16,15 @@ from typing import Any
 from _common import load_spec, log, single_run, write_result
 
 
+def single(llm: Any, mode: str, index: int, repeat: int, prompt: list[int], params: Any) -> dict[str, Any]:
+    """One prompt alone: its tokens, the call's seconds and the engine's first-to-last-token seconds."""
+    t = time.perf_counter()
+    request = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    seconds = time.perf_counter() - t
+    out, m = request.outputs[0], request.metrics
+    return single_run(mode, index, repeat, seconds, m.finish_time - m.first_token_time, list(out.token_ids))
+
+
 def main() -> None:
     spec, out_path = load_spec()
     import torch
@@ -43,22 +52,17 @@ def main() -> None:
         )
         runs = []
         batch = spec.get("batch", 1)
-        for repeat in range(spec["repeats"] if batch > 1 else 0):  # all prompts at once, batch copies of each
-            many = [{"prompt_token_ids": p} for p in prompts] * (batch // len(prompts))
+        for repeat in range(spec["repeats"]):
+            if batch == 1:
+                runs += [single(llm, name, i, repeat, p, full) for i, p in enumerate(prompts)]
+                continue
+            many = [{"prompt_token_ids": prompts[i % len(prompts)]} for i in range(batch)]
             t = time.perf_counter()
             outs = llm.generate(many, full, use_tqdm=False)
             tn = time.perf_counter() - t
             n = sum(len(o.outputs[0].token_ids) for o in outs)
             runs.append({"repeat": repeat, "tn_s": tn, "tokens": n, "sequences": len(many)})
             log(f"{name} batch {len(many)}: {n} tokens, {n / tn:.1f} tok/s")
-        for repeat in range(spec["repeats"] if batch == 1 else 0):
-            for i, p in enumerate(prompts):
-                t = time.perf_counter()
-                request = llm.generate([{"prompt_token_ids": p}], full, use_tqdm=False)[0]
-                tn = time.perf_counter() - t
-                out, m = request.outputs[0], request.metrics
-                decode_s = m.finish_time - m.first_token_time
-                runs.append(single_run(name, i, repeat, tn, decode_s, list(out.token_ids)))
         stats = llm.engine.spec_stats
         results[name] = {
             "load_s": load_s,

@@ -12,10 +12,20 @@ import argparse
 import sys
 
 
+def search_on_text(llm, text: str, num_tokens: int, **search_options):
+    """search_skip_layers over the first `num_tokens` tokens of `text`, with `llm`'s model and KV layout."""
+    from tokenmill.spec.layerskip import search_skip_layers
+
+    engine = llm.engine
+    tokens = engine.tokenizer.encode(text)[:num_tokens]
+    return search_skip_layers(
+        engine.runner.model, engine.kv_spec, tokens, engine.config.torch_device, **search_options
+    )
+
+
 def cmd_layerskip(args: argparse.Namespace) -> int:
     from tokenmill.engine_args import EngineArgs
     from tokenmill.entrypoints.llm import LLM
-    from tokenmill.spec.layerskip import search_skip_layers
 
     if args.file is not None:
         with open(args.file, encoding="utf-8", errors="replace") as f:
@@ -26,13 +36,10 @@ def cmd_layerskip(args: argparse.Namespace) -> int:
         text = reference_text()
     print("Loading model...", file=sys.stderr, flush=True)
     llm = LLM(**EngineArgs.from_cli_args(args).config_kwargs())
-    engine = llm.engine
-    tokens = engine.tokenizer.encode(text)[: args.num_tokens]
-    result = search_skip_layers(
-        engine.runner.model,
-        engine.kv_spec,
-        tokens,
-        engine.config.torch_device,
+    result = search_on_text(
+        llm,
+        text,
+        args.num_tokens,
         max_k=args.max_k,
         max_evals=args.max_evals,
         random_swaps=args.random_swaps,
@@ -41,7 +48,7 @@ def cmd_layerskip(args: argparse.Namespace) -> int:
     result.save(args.output)
     print(
         f"skip layers {result.skip_layers} of {result.num_layers}: acceptance {result.acceptance:.3f} "
-        f"(teacher-forced, {len(tokens)} tokens), draft cost {result.draft_cost:.2f} of a full step, "
+        f"(teacher-forced, {args.num_tokens} tokens at most), draft cost {result.draft_cost:.2f} of a full step, "
         f"k={result.best_k}, predicted speedup at batch 1 {result.predicted_speedup:.2f}x "
         f"({result.evaluations} subsets in {result.seconds:.1f} s) -> {args.output}"
     )

@@ -67,9 +67,9 @@ class LLMEngine:
         self.max_model_len = loaded.max_model_len
         c = self.model_config
         # lossy layer skipping: the model runs these layers only, and the cache holds K/V for them alone
-        self.kept_layers = kept_layers(c.num_layers, config.skip_layers) if config.skip_layers else None
+        kept = kept_layers(c.num_layers, config.skip_layers) if config.skip_layers else None
         spec = KVCacheSpec(
-            c.num_layers if self.kept_layers is None else len(self.kept_layers),
+            c.num_layers if kept is None else len(kept),
             c.num_kv_heads,
             c.head_dim,
             config.block_size,
@@ -116,7 +116,7 @@ class LLMEngine:
             config.torch_device,
             zero=loaded.model.kernels is None,
             residual_blocks=residual or None,
-            model_layers=self.kept_layers,
+            model_layers=kept,
         )
         self.block_manager.on_free = kv_cache.release_block
         self.runner = ModelRunner(loaded.model, kv_cache, Sampler(self.tokenizer.eos_token_ids))
@@ -157,6 +157,11 @@ class LLMEngine:
             self.runner.model, self.kv_spec, spec.skip_layers or (), num_blocks, self.max_num_seqs,
             spec.num_speculative_tokens, c.torch_device,
         )  # fmt: skip
+
+    @property
+    def kept_layers(self) -> list[int] | None:
+        """The layers every step runs when some are skipped (`skip_layers`); None: all of them."""
+        return self.runner.kv_cache.model_layers
 
     # ---- capacity ------------------------------------------------------------------------------
     @property
