@@ -67,6 +67,33 @@ def test_cpu_kernel_matches_reference_with_lse(rows_case):
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("query_len", [1, 3])
+def test_cpu_kernel_splits_long_rows_exactly(threads, query_len):
+    """One long row with one KV head: the fp32 kernel cuts its keys into chunks (a partial softmax each, merged
+    through their maxima) so both threads have work; the result is attention over all of them."""
+    kernels = load_cpu_kernels()
+    g = torch.Generator().manual_seed(3)
+    bs, d, group, length = 16, 64, 3, 301
+    k_cache = torch.randn(24, 1, bs, d, generator=g) * 3  # large logits: the merge must rescale exactly
+    v_cache = torch.randn(24, 1, bs, d, generator=g)
+    tables = torch.randperm(24, generator=g)[:19].view(1, 19)
+    seq_lens = torch.tensor([length])
+    qsl = torch.tensor([0, query_len])
+    q = torch.randn(query_len, group, d, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, lse = kernels.paged_attention(
+            q, k_cache, v_cache, None, None, tables, seq_lens, qsl, d**-0.5, True
+        )
+    finally:
+        torch.set_num_threads(before)
+    ref_out, ref_lse = reference_rows(q, k_cache, v_cache, tables, seq_lens, qsl, group, d**-0.5)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
 def test_torch_paged_path_matches_reference(rows_case):
     q, k_cache, v_cache, tables, seq_lens, qsl, group = rows_case
     h, d = q.shape[1], q.shape[2]

@@ -181,6 +181,19 @@ class PagedAttention:
         """Attention output `[T, H, D]` (and, if asked, its log-sum-exp `[T, H]` in fp32)."""
         if scores is not None and not meta.wants_scores:
             scores = None
+        if 0 < meta.num_paged_rows == meta.num_rows and meta.num_paged_tokens == q.shape[0]:
+            # every row is a decode/verification row (the common decode step): the kernel's output as is
+            o, part_lse = self.paged(
+                q,
+                kv,
+                meta.block_tables,
+                meta.seq_lens,
+                meta.query_start_loc,
+                return_lse,
+                scores,
+                None if scores is None else meta.score_from,
+            )
+            return (o, part_lse) if return_lse else o
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
         n_paged = meta.num_paged_tokens

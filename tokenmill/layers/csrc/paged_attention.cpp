@@ -251,6 +251,12 @@ static void attention_kernel(const T* q, const C* kc, const C* vc, const void* k
   });
 }
 
+// split_kv_attention.cpp: the fp32 kernel of AVX2 builds (false where it does not apply).
+bool split_kv_attention(const float* q, const float* kc, const float* vc, const int64_t* tables, const int64_t* lens,
+                        const int64_t* qsl, float* out, float* lse, float* score_out, const int64_t* score_from,
+                        int64_t score_len, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
+                        int64_t max_blocks, float scale);
+
 // q [T, H, D]; k_cache, v_cache [num_blocks, Hkv, block_size, D] in q's dtype, or int8 with k_scale, v_scale
 // [num_blocks, Hkv, block_size] fp32, or int4 as uint8 [num_blocks, Hkv, block_size, D / 2] with k_scale,
 // v_scale [num_blocks, Hkv, block_size, G, 2] fp16 (scale, min per group) (quantized: q is fp32); block_tables [B, max_blocks] int64; seq_lens [B] int64
@@ -338,6 +344,12 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
                                     static_cast<float>(scale));
     return {out, lse};
   }
+  if (q.scalar_type() == at::kFloat &&
+      split_kv_attention(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                         block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
+                         query_start_loc.data_ptr<int64_t>(), out.data_ptr<float>(), lse_ptr, score_ptr, score_from_ptr,
+                         score_len, B, H, Hkv, D, bs, block_tables.size(1), static_cast<float>(scale)))
+    return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
     attention_kernel<scalar_t, scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
                                          v_cache.data_ptr<scalar_t>(), nullptr, nullptr, 1,
