@@ -34,6 +34,8 @@ KV_CACHE_DTYPES = (
 )  # kv/cache.py implements them; listed here so config imports no layer
 KERNELS = ("auto", "torch", "cpp")  # which implementation of the model's ops runs
 CPU_ISAS = ("auto", "portable", "avx2", "avx512")  # which instruction set the C++ kernels are built for
+# How packed linears round activations for their integer dot products (layers/linear.py, QuantKernelPlan)
+ACTIVATIONS = ("exact", "int8")
 
 
 def default_cpu_isa() -> str:
@@ -114,6 +116,10 @@ class EngineConfig:
     kernels: str = "auto"
     # The instruction set the C++ kernels are built for; auto: the best this CPU has.
     cpu_isa: str = field(default_factory=default_cpu_isa)
+    # Packed weights' few-row (decode) dot products: "exact" keeps activations at int16 per block of 32 (fp32
+    # quality, token-exact against the oracle); "int8" rounds them to int8 per block, as llama.cpp's Q8 blocks:
+    # fewer instructions per weight, a small quality cost (`tokenmill eval ppl --compare full,activations=int8`).
+    activations: str = "exact"
     slo_tpot: float | None = None  # seconds per output token to keep steps within (engine/step_budget.py)
     slo_ttft: float | None = None  # seconds to first token that may raise a step's budget (step_budget.py)
     kv_cache_dtype: str = "auto"  # auto (the activations' dtype) | int8 | int4 | kivi2 | kivi4: how K/V are stored (kv/cache.py)
@@ -166,6 +172,15 @@ class EngineConfig:
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         self.weights = WeightFormat.parse(self.weights)
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
+        if self.activations != "exact" and (
+            self.torch_device.type != "cpu" or self.kernels == "torch" or self.torch_dtype != torch.float32
+        ):
+            raise ValueError(
+                f"activations={self.activations!r} rounds the activations of the C++ CPU kernels' packed linears: "
+                "it needs device cpu, dtype float32 and kernels auto or cpp"
+            )
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.kernels == "cpp" and self.torch_device.type != "cpu":

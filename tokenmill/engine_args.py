@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenmill.config import CPU_ISAS, KERNELS, KV_CACHE_DTYPES, EngineConfig, default_cpu_isa
+from tokenmill.config import ACTIVATIONS, CPU_ISAS, KERNELS, KV_CACHE_DTYPES, EngineConfig, default_cpu_isa
 from tokenmill.formats import WeightFormat
 
 _MODEL_HELP = "a .gguf file, a Hugging Face folder, or an alias (default: the embedded SmolLM2-135M-Instruct)"
@@ -35,6 +35,7 @@ class EngineArgs:
     threads: int | None = EngineConfig.threads
     kernels: str = EngineConfig.kernels
     cpu_isa: str = field(default_factory=default_cpu_isa)
+    activations: str = EngineConfig.activations
     slo_tpot: float | None = EngineConfig.slo_tpot
     slo_ttft: float | None = EngineConfig.slo_ttft
     kv_cache_dtype: str = EngineConfig.kv_cache_dtype
@@ -123,6 +124,15 @@ class EngineArgs:
             choices=CPU_ISAS,
             help="instruction set the C++ kernels are built for; auto: the best this CPU has "
             "(default: $TOKENMILL_CPU_ISA, else auto)",
+        )
+        g.add_argument(
+            "--activations",
+            default=d.activations,
+            choices=ACTIVATIONS,
+            help="how packed (q4/q8) linears round activations at decode: exact (int16 per block of 32; "
+            "token-exact fp32 quality) or int8 (per block of 32, as llama.cpp: faster on AVX2, a small quality "
+            "cost: compare with `tokenmill eval ppl --compare full,activations=int8`) "
+            f"(default: {d.activations})",
         )
         g.add_argument(
             "--kv-cache-dtype",

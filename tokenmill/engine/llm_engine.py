@@ -61,6 +61,7 @@ class LLMEngine:
             config.weights,
             kernels=config.kernels,
             cpu_isa=config.cpu_isa,
+            activations=config.activations,
         )
         self.model_config = loaded.config
         self.tokenizer: Tokenizer = loaded.tokenizer

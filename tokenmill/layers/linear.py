@@ -3,6 +3,7 @@ with the same call replaces the dense one without touching the model code."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from types import ModuleType
@@ -24,14 +25,17 @@ GEMM_TILE_BYTES = 16 << 20  # fp32 weight rows decoded per GEMM: every layer but
 class QuantKernelPlan:
     """Which kernel path a packed linear takes for how many activation rows (see csrc/quant_linear.cpp).
 
-    One row always runs the int16 GEMV. From 2 rows up to `gemm_min_rows - 1`, `fp32_rows` picks the
-    AVX-512 fp32 path (a weight block decoded once into up to 16 rows; exact fp32 math) over the int16 dot
-    products; from `gemm_min_rows` on, weight tiles are decoded for torch's GEMM.
+    One row always runs the integer GEMV. From 2 rows up to `gemm_min_rows - 1`, `fp32_rows` picks the
+    AVX-512 fp32 path (a weight block decoded once into up to 16 rows; exact fp32 math) over the integer dot
+    products; from `gemm_min_rows` on, weight tiles are decoded for torch's GEMM. The integer dot products
+    round activations to int16 per block of 32, or with `int8_activations` to int8 (EngineConfig.activations:
+    lossy, as llama.cpp's Q8 blocks, and fewer instructions per weight).
     """
 
     gemm_min_rows: int = GEMM_MIN_ROWS
     fp32_rows: bool = False
     tile_bytes: int = GEMM_TILE_BYTES
+    int8_activations: bool = False
 
 
 @functools.cache
@@ -50,8 +54,20 @@ def plan_for(isa: str, vendor: str) -> QuantKernelPlan:
     return QuantKernelPlan()
 
 
-def default_plan(kernels: ModuleType | None) -> QuantKernelPlan:
-    return QuantKernelPlan() if kernels is None else plan_for(kernels.cpu_isa(), cpu_vendor())
+def default_plan(kernels: ModuleType | None, activations: str = "exact") -> QuantKernelPlan:
+    """The measured plan of the kernels' level, with the activations EngineConfig.activations names. int8
+    needs the vector kernels (the portable build has only the fp32 reference): ValueError otherwise."""
+    plan = QuantKernelPlan() if kernels is None else plan_for(kernels.cpu_isa(), cpu_vendor())
+    if activations == "exact":
+        return plan
+    if activations != "int8":
+        raise ValueError(f"activations must be exact or int8, got {activations!r}")
+    if kernels is None or kernels.cpu_isa() == "portable":
+        level = "no C++ kernels" if kernels is None else "the portable C++ kernels"
+        raise ValueError(
+            f"activations='int8' needs the AVX2 or AVX-512 C++ kernels; this engine runs {level}"
+        )
+    return dataclasses.replace(plan, int8_activations=True)
 
 
 class DenseLinear:
@@ -109,9 +125,13 @@ class QuantLinear:
         elif k is None:
             y = F.linear(x, dequantize(w))
         elif w.format == WeightFormat.Q4:
-            y = k.q4_linear(x, w.codes, w.scales, w.mins, p.gemm_min_rows, p.tile_bytes, p.fp32_rows)
+            y = k.q4_linear(
+                x, w.codes, w.scales, w.mins, p.gemm_min_rows, p.tile_bytes, p.fp32_rows, p.int8_activations
+            )
         else:
-            y = k.q8_linear(x, w.codes, w.scales, p.gemm_min_rows, p.tile_bytes, p.fp32_rows)
+            y = k.q8_linear(
+                x, w.codes, w.scales, p.gemm_min_rows, p.tile_bytes, p.fp32_rows, p.int8_activations
+            )
         return y if self.bias is None else y + self.bias
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:

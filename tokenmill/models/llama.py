@@ -14,7 +14,14 @@ import torch
 
 from tokenmill.kv.cache import KVCache
 from tokenmill.layers.attention import AttentionMetadata, PagedAttention
-from tokenmill.layers.linear import ConcatLinear, DenseLinear, Linear, QuantLinear
+from tokenmill.layers.linear import (
+    ConcatLinear,
+    DenseLinear,
+    Linear,
+    QuantKernelPlan,
+    QuantLinear,
+    default_plan,
+)
 from tokenmill.layers.norm import rms_norm
 from tokenmill.layers.ops import HeadLayout, TorchOps
 from tokenmill.layers.quantization import PackedWeight, cat_rows, convert
@@ -40,6 +47,7 @@ class LlamaModel:
         dtype: torch.dtype,
         max_positions: int,
         ops: TorchOps | None = None,
+        quant_plan: QuantKernelPlan | None = None,
     ):
         self.config = config
         self.device = device
@@ -53,6 +61,9 @@ class LlamaModel:
         )
         self.ops = ops or TorchOps()
         self.kernels = self.ops.module  # compiled kernels for quantized linears and attention, or None
+        self.quant_plan = quant_plan or default_plan(
+            self.kernels
+        )  # how packed linears run (layers/linear.py)
         self.heads = HeadLayout(config.num_heads, config.num_kv_heads, config.head_dim)
         self.attention = PagedAttention(
             config.num_heads,
@@ -131,7 +142,9 @@ class LlamaModel:
         the parts share a format, side-by-side linears when they do not (mixed-type GGUFs)."""
         if all(isinstance(p, PackedWeight) for p in parts):
             if len({p.format for p in parts}) == 1:
-                return QuantLinear(cat_rows(parts) if len(parts) > 1 else parts[0], bias, self.kernels)
+                return QuantLinear(
+                    cat_rows(parts) if len(parts) > 1 else parts[0], bias, self.kernels, self.quant_plan
+                )
         elif not any(isinstance(p, PackedWeight) for p in parts):
             return DenseLinear(torch.cat(parts).contiguous() if len(parts) > 1 else parts[0], bias)
         linears: list[DenseLinear | QuantLinear] = []
@@ -140,7 +153,9 @@ class LlamaModel:
             n = p.shape[0]
             b = None if bias is None else bias[start : start + n]
             linears.append(
-                QuantLinear(p, b, self.kernels) if isinstance(p, PackedWeight) else DenseLinear(p, b)
+                QuantLinear(p, b, self.kernels, self.quant_plan)
+                if isinstance(p, PackedWeight)
+                else DenseLinear(p, b)
             )
             start += n
         return ConcatLinear(linears)

@@ -11,6 +11,7 @@ import torch
 
 from tokenmill.formats import WeightFormat
 from tokenmill.layers.cpu_kernels import load_cpu_kernels
+from tokenmill.layers.linear import default_plan
 from tokenmill.layers.ops import TorchOps, make_ops
 from tokenmill.layers.quantization import PackedWeight
 from tokenmill.models.gguf import GGUFModel
@@ -58,14 +59,22 @@ def load_model(
     cache_root: Path | None | Literal["default"] = "default",
     kernels: str = "auto",
     cpu_isa: str = "auto",
+    activations: str = "exact",
 ) -> LoadedModel:
     """Build the model `source` names. GGUF weights that stay packed come through the weight cache under
     `cache_root` ('default': see weight_cache.default_cache_root; None: no cache). `kernels` picks the ops
-    (layers/ops.py: 'auto' | 'torch' | 'cpp'), `cpu_isa` the instruction-set build of the C++ kernels."""
+    (layers/ops.py: 'auto' | 'torch' | 'cpp'), `cpu_isa` the instruction-set build of the C++ kernels,
+    `activations` how packed linears round activations (EngineConfig.activations)."""
     if cache_root == "default":
         cache_root = default_cache_root()
     ops = make_ops(kernels, device, dtype, lambda: load_cpu_kernels(cpu_isa))
     mode = resolve_weight_mode(weights, source, ops, dtype)
+    plan = default_plan(ops.module, activations)
+    if activations != "exact" and mode == WeightFormat.DENSE:
+        raise ValueError(
+            f"activations={activations!r} applies to packed (q4/q8) weights; this model's weights run dense "
+            "(use a GGUF with --weights auto, or --weights q4/q8)"
+        )
     if source.kind == "gguf" and mode != WeightFormat.DENSE:  # packed weights: through the on-disk cache
         converted = load_converted_gguf(source.path, cache_root)
         config, tokenizer = converted.config, converted.tokenizer
@@ -88,6 +97,6 @@ def load_model(
         max_model_len = context
     elif max_model_len > context:
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {context}")
-    model = cls(config, device, dtype, max_positions=max_model_len, ops=ops)
+    model = cls(config, device, dtype, max_positions=max_model_len, ops=ops, quant_plan=plan)
     model.load_weights(tensors, mode)
     return LoadedModel(model, config, tokenizer, max_model_len)

@@ -168,6 +168,7 @@ def load_draft_proposer(
         config.weights,
         kernels=config.kernels,
         cpu_isa=config.cpu_isa,
+        activations=config.activations,
     )
     check_same_vocabulary(
         target_tokenizer, target_config.vocab_size, loaded.tokenizer, loaded.config.vocab_size, path

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 // The instruction-set level is fixed at compile time by the build's -m flags (cpu_kernels.py builds one
@@ -108,18 +109,23 @@ inline void dot_rows(const float* x, int64_t ldx, int64_t K, const uint8_t* code
 }
 
 #ifdef TM_AVX2
-// Activations for the integer dot products: each row's blocks of 32 as int16 with a per-block scale
-// (absmax / 32767, a relative step of 3e-5: far below the weights' own quantization step) and the exact
-// fp32 block sums that multiply the 4-bit offsets.
+// Activations for the integer dot products: each row's blocks of 32 rounded to Q (int16: absmax / 32767, a
+// relative step of 3e-5, far below the weights' own quantization step; int8: absmax / 127, llama.cpp's Q8
+// blocks, lossy) with a per-block scale, and the exact fp32 block sums that multiply the 4-bit offsets.
+template <typename Q>
 struct QuantizedActivations {
-  std::vector<int16_t> q;  // [M, K]
+  std::vector<Q> q;  // [M, K]
   std::vector<float> scale;  // [M, K / 32]
   std::vector<float> sum;  // [M, K / 32]
 };
+using Int16Activations = QuantizedActivations<int16_t>;
+using Int8Activations = QuantizedActivations<int8_t>;
 
-QuantizedActivations quantize_activations(const float* x, int64_t M, int64_t K) {
+template <typename Q>
+QuantizedActivations<Q> quantize_activations(const float* x, int64_t M, int64_t K) {
+  constexpr float qmax = static_cast<float>(std::numeric_limits<Q>::max());
   const int64_t nb = K / kBlock;
-  QuantizedActivations a{std::vector<int16_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
+  QuantizedActivations<Q> a{std::vector<Q>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
   for (int64_t i = 0; i < M * nb; ++i) {
     const float* xb = x + i * kBlock;
     float amax = 0.f, sum = 0.f;
@@ -127,8 +133,8 @@ QuantizedActivations quantize_activations(const float* x, int64_t M, int64_t K) 
       amax = std::max(amax, std::fabs(xb[j]));
       sum += xb[j];
     }
-    const float d = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
-    for (int j = 0; j < kBlock; ++j) a.q[i * kBlock + j] = static_cast<int16_t>(std::nearbyint(xb[j] * inv));
+    const float d = amax / qmax, inv = amax > 0.f ? qmax / amax : 0.f;
+    for (int j = 0; j < kBlock; ++j) a.q[i * kBlock + j] = static_cast<Q>(std::nearbyint(xb[j] * inv));
     a.scale[i] = d;
     a.sum[i] = sum;
   }
@@ -149,7 +155,7 @@ inline void load_halfs(const uint16_t* h, int64_t n, float* out) {
 }
 
 template <bool Q4, int R>
-inline void dot_rows_i16(const QuantizedActivations& a, int64_t r0, int64_t K, const uint8_t* codes,
+inline void dot_rows_i16(const Int16Activations& a, int64_t r0, int64_t K, const uint8_t* codes,
                          const uint16_t* scales, const uint16_t* mins, float* y, int64_t ldy) {
   const int64_t nb = K / kBlock;
   alignas(32) float ws[kMaxBlocks], wm[kMaxBlocks], cs[R][kMaxBlocks];
@@ -214,7 +220,7 @@ inline void prefetch_rows_ahead(const uint8_t* codes, int64_t row_bytes, int64_t
 }
 
 template <bool Q4, int W>
-inline void dot_wide_i16(const QuantizedActivations& a, int64_t K, const uint8_t* codes, int64_t row_bytes,
+inline void dot_wide_i16(const Int16Activations& a, int64_t K, const uint8_t* codes, int64_t row_bytes,
                          const uint16_t* scales, const uint16_t* mins, float* y) {
   const int64_t nb = K / kBlock;
   alignas(32) float cs[W][kMaxBlocks], tmp[kMaxBlocks];
@@ -245,6 +251,96 @@ inline void dot_wide_i16(const QuantizedActivations& a, int64_t K, const uint8_t
   for (int w = 0; w < W; ++w) y[w] = hsum(_mm256_add_ps(acc[w][0], acc[w][1])) + off[w];
 }
 
+// ---- int8 activations (EngineConfig.activations = "int8") ----
+// A weight block as 32 bytes in one register, in the activations' order: 4-bit codes unsigned (low nibbles,
+// elements 0..15, in the low lane; high nibbles, 16..31, in the high lane), 8-bit codes as stored.
+template <bool Q4>
+inline __m256i weight_bytes(const uint8_t* codes, int64_t b) {
+  if constexpr (Q4) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * 16));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
+  } else {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + b * kBlock));
+  }
+}
+
+// The block's sum of w_j x_j in 8 int32 lanes, exact: maddubs multiplies unsigned by signed bytes and adds
+// pairs into int16 (4-bit: |pair| <= 2 * 15 * 127; 8-bit codes go in as |w| with w's sign moved onto x:
+// |pair| <= 2 * 128 * 127 < 2^15, no saturation), madd with ones widens the pairs to int32. 32 multiply-adds
+// in two instructions, where the int16 path needs two widenings and two madds.
+template <bool Q4>
+inline __m256i block_dot_i8(__m256i w, __m256i x) {
+  __m256i p;
+  if constexpr (Q4) {
+    p = _mm256_maddubs_epi16(w, x);
+  } else {
+    p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+  }
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+// One activation row against W weight rows (as dot_wide_i16), int8 activations.
+template <bool Q4, int W>
+inline void dot_wide_i8(const Int8Activations& a, int64_t K, const uint8_t* codes, int64_t row_bytes,
+                        const uint16_t* scales, const uint16_t* mins, float* y) {
+  const int64_t nb = K / kBlock;
+  alignas(32) float cs[W][kMaxBlocks], tmp[kMaxBlocks];
+  float off[W] = {};
+  for (int w = 0; w < W; ++w) {
+    load_halfs(scales + w * nb, nb, cs[w]);
+    for (int64_t b = 0; b < nb; ++b) cs[w][b] *= a.scale[b];
+    if constexpr (Q4) {
+      load_halfs(mins + w * nb, nb, tmp);
+      for (int64_t b = 0; b < nb; ++b) off[w] += tmp[b] * a.sum[b];
+    }
+  }
+  __m256 acc[W][2];
+  for (int w = 0; w < W; ++w) acc[w][0] = acc[w][1] = _mm256_setzero_ps();
+  constexpr int64_t block_bytes = Q4 ? kBlock / 2 : kBlock;
+  for (int64_t b = 0; b < nb; ++b) {
+    if ((b * block_bytes) % 64 == 0) prefetch_rows_ahead<W>(codes, row_bytes, b * block_bytes);
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + b * kBlock));
+    for (int w = 0; w < W; ++w) {
+      const __m256i p = block_dot_i8<Q4>(weight_bytes<Q4>(codes + w * row_bytes, b), x);
+      acc[w][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&cs[w][b]), acc[w][b & 1]);
+    }
+  }
+  for (int w = 0; w < W; ++w) y[w] = hsum(_mm256_add_ps(acc[w][0], acc[w][1])) + off[w];
+}
+
+// R activation rows against one weight row (as dot_rows_i16), int8 activations: each weight block is
+// unpacked once for the R rows.
+template <bool Q4, int R>
+inline void dot_rows_i8(const Int8Activations& a, int64_t r0, int64_t K, const uint8_t* codes,
+                        const uint16_t* scales, const uint16_t* mins, float* y, int64_t ldy) {
+  const int64_t nb = K / kBlock;
+  alignas(32) float ws[kMaxBlocks], wm[kMaxBlocks], cs[R][kMaxBlocks];
+  load_halfs(scales, nb, ws);
+  float offset[R] = {};
+  if constexpr (Q4) {
+    load_halfs(mins, nb, wm);
+    for (int r = 0; r < R; ++r) {
+      const float* xsum = a.sum.data() + (r0 + r) * nb;
+      for (int64_t b = 0; b < nb; ++b) offset[r] += wm[b] * xsum[b];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float* xs = a.scale.data() + (r0 + r) * nb;
+    for (int64_t b = 0; b < nb; ++b) cs[r][b] = ws[b] * xs[b];
+  }
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i w = weight_bytes<Q4>(codes, b);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xq = a.q.data() + ((r0 + r) * nb + b) * kBlock;
+      const __m256i p = block_dot_i8<Q4>(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+      acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&cs[r][b]), acc[r][b & 1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + offset[r];
+}
+
 #ifdef TM_AVX512
 // 8-bit single-row decode with 512-bit vectors: a block of 32 codes widened to int16 fills one register and
 // VNNI's dpwssd sums the int16 pair products into int32 lanes (exact: |lane| <= 2 * 127 * 32767 < 2^24, so
@@ -262,7 +358,7 @@ inline void load_halfs16(const uint16_t* h, int64_t n, float* out) {
 }
 
 template <int W>
-inline void dot_wide_q8_512(const QuantizedActivations& a, int64_t K, const uint8_t* codes, int64_t row_bytes,
+inline void dot_wide_q8_512(const Int16Activations& a, int64_t K, const uint8_t* codes, int64_t row_bytes,
                             const uint16_t* scales, float* y) {
   const int64_t nb = K / kBlock;
   alignas(64) float cs[W][kMaxBlocks];
@@ -335,22 +431,31 @@ inline void dot_rows_f32_512(const float* x, int64_t ldx, int64_t K, const uint8
 #endif  // TM_AVX512
 #endif  // TM_AVX2
 
-// fp32_rows: 2+ rows take the fp32 FMA path (AVX-512 builds; elsewhere the flag is ignored), else int16.
+// fp32_rows: 2+ rows take the fp32 FMA path (AVX-512 builds; elsewhere the flag is ignored); the other rows
+// take the integer dot products, with int16 activations or, if int8_acts, int8 ones (lossy, fewer instructions).
 template <bool Q4>
 void gemv_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
-               const uint16_t* mins, int64_t N, float* y, bool fp32_rows) {
+               const uint16_t* mins, int64_t N, float* y, bool fp32_rows, bool int8_acts) {
   const int64_t row_bytes = Q4 ? K / 2 : K, nb = K / kBlock;
-#if defined(TM_AVX512)
-  // the fp32 path reads x directly
-  const QuantizedActivations a = quantize_activations(x, fp32_rows && M > 1 ? 0 : M, K);
-#elif defined(TM_AVX2)
-  const QuantizedActivations a = quantize_activations(x, M, K);
+#ifdef TM_AVX2
+#ifdef TM_AVX512
+  const bool float_rows = fp32_rows && M > 1;  // the fp32 path reads x directly
+#else
+  const bool float_rows = false;
+#endif
+  const Int16Activations a = quantize_activations<int16_t>(x, float_rows || int8_acts ? 0 : M, K);
+  const Int8Activations a8 = quantize_activations<int8_t>(x, !float_rows && int8_acts ? M : 0, K);
 #endif
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
     int64_t n = n0;
 #ifdef TM_AVX2
     if (M == 1) {
       for (; n + kWideRows <= n1; n += kWideRows) {
+        if (int8_acts) {
+          dot_wide_i8<Q4, kWideRows>(a8, K, codes + n * row_bytes, row_bytes, scales + n * nb,
+                                     Q4 ? mins + n * nb : nullptr, y + n);
+          continue;
+        }
 #ifdef TM_AVX512
         if constexpr (!Q4) {
           dot_wide_q8_512<kWideRows>(a, K, codes + n * row_bytes, row_bytes, scales + n * nb, y + n);
@@ -401,7 +506,11 @@ void gemv_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const
       for (int64_t r = 0; r < M; r += kTileRows) {
         const int64_t R = std::min<int64_t>(kTileRows, M - r);
 #ifdef TM_AVX2
-#define TM_DOT(RR) dot_rows_i16<Q4, RR>(a, r, K, c, s, m, y + r * N + n, N)
+#define TM_DOT(RR)                                                \
+  if (int8_acts)                                                  \
+    dot_rows_i8<Q4, RR>(a8, r, K, c, s, m, y + r * N + n, N);     \
+  else                                                            \
+    dot_rows_i16<Q4, RR>(a, r, K, c, s, m, y + r * N + n, N)
 #else
 #define TM_DOT(RR) dot_rows<Q4, RR>(x + r * K, K, K, c, s, m, y + r * N + n, N)
 #endif
@@ -469,7 +578,8 @@ void check_weight(const torch::Tensor& codes, const torch::Tensor& scales, const
 
 template <bool Q4>
 torch::Tensor quant_linear(torch::Tensor x, const torch::Tensor& codes, const torch::Tensor& scales,
-                           const torch::Tensor& mins, int64_t gemm_min_rows, int64_t tile_bytes, bool fp32_rows) {
+                           const torch::Tensor& mins, int64_t gemm_min_rows, int64_t tile_bytes, bool fp32_rows,
+                           bool int8_acts) {
   check_weight(codes, scales, Q4 ? &mins : nullptr, Q4);
   const int64_t N = codes.size(0), K = Q4 ? codes.size(1) * 2 : codes.size(1);
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == K, "x must be fp32 with ", K, " features");
@@ -482,7 +592,7 @@ torch::Tensor quant_linear(torch::Tensor x, const torch::Tensor& codes, const to
   const auto* m = Q4 ? reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()) : nullptr;
   if (M < gemm_min_rows) {
     auto y = torch::empty({M, N}, x.options());
-    gemv_rows<Q4>(x.data_ptr<float>(), M, K, c, s, m, N, y.data_ptr<float>(), fp32_rows);
+    gemv_rows<Q4>(x.data_ptr<float>(), M, K, c, s, m, N, y.data_ptr<float>(), fp32_rows, int8_acts);
     return y.view(shape);
   }
   // GEMM path: decode a tile of weight rows (all of them when they fit in tile_bytes) to fp32 and multiply
@@ -507,13 +617,13 @@ torch::Tensor quant_linear(torch::Tensor x, const torch::Tensor& codes, const to
 }  // namespace
 
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
-                        int64_t gemm_min_rows, int64_t tile_bytes, bool fp32_rows) {
-  return quant_linear<true>(x, codes, scales, mins, gemm_min_rows, tile_bytes, fp32_rows);
+                        int64_t gemm_min_rows, int64_t tile_bytes, bool fp32_rows, bool int8_activations) {
+  return quant_linear<true>(x, codes, scales, mins, gemm_min_rows, tile_bytes, fp32_rows, int8_activations);
 }
 
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t gemm_min_rows,
-                        int64_t tile_bytes, bool fp32_rows) {
-  return quant_linear<false>(x, codes, scales, scales, gemm_min_rows, tile_bytes, fp32_rows);
+                        int64_t tile_bytes, bool fp32_rows, bool int8_activations) {
+  return quant_linear<false>(x, codes, scales, scales, gemm_min_rows, tile_bytes, fp32_rows, int8_activations);
 }
 
 // W8A8: y = (x_q @ W_q^T) * x_scale[m] * w_scale[n], with x rounded to int8 per row (absmax / 127) and the
