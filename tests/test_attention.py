@@ -69,14 +69,22 @@ def test_cpu_kernel_matches_reference_with_lse(rows_case):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("query_len", [1, 3])
-def test_cpu_kernel_splits_long_rows_exactly(threads, query_len):
-    """One long row with one KV head: the fp32 kernel cuts its keys into chunks (a partial softmax each, merged
-    through their maxima) so both threads have work; the result is attention over all of them."""
+@pytest.mark.parametrize("cache", ["fp32", "int8"])
+def test_cpu_kernel_splits_long_rows_exactly(threads, query_len, cache):
+    """One long row with one KV head: the kernel cuts its keys into chunks (a partial softmax each, merged
+    through their maxima) so both threads have work; the result is attention over all of them (over the
+    dequantized cache for int8)."""
     kernels = load_cpu_kernels()
     g = torch.Generator().manual_seed(3)
     bs, d, group, length = 16, 64, 3, 301
     k_cache = torch.randn(24, 1, bs, d, generator=g) * 3  # large logits: the merge must rescale exactly
     v_cache = torch.randn(24, 1, bs, d, generator=g)
+    ks = vs = None
+    if cache == "int8":
+        (kc, ks), (vc, vs) = quantize_int8(k_cache), quantize_int8(v_cache)
+        k_cache, v_cache = dequantize_int8(kc, ks), dequantize_int8(vc, vs)
+    else:
+        kc, vc = k_cache, v_cache
     tables = torch.randperm(24, generator=g)[:19].view(1, 19)
     seq_lens = torch.tensor([length])
     qsl = torch.tensor([0, query_len])
@@ -84,9 +92,7 @@ def test_cpu_kernel_splits_long_rows_exactly(threads, query_len):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out, lse = kernels.paged_attention(
-            q, k_cache, v_cache, None, None, tables, seq_lens, qsl, d**-0.5, True
-        )
+        out, lse = kernels.paged_attention(q, kc, vc, ks, vs, tables, seq_lens, qsl, d**-0.5, True)
     finally:
         torch.set_num_threads(before)
     ref_out, ref_lse = reference_rows(q, k_cache, v_cache, tables, seq_lens, qsl, group, d**-0.5)

@@ -252,10 +252,10 @@ static void attention_kernel(const T* q, const C* kc, const C* vc, const void* k
 }
 
 // split_kv_attention.cpp: the fp32 kernel of AVX2 builds (false where it does not apply).
-bool split_kv_attention(const float* q, const float* kc, const float* vc, const int64_t* tables, const int64_t* lens,
-                        const int64_t* qsl, float* out, float* lse, float* score_out, const int64_t* score_from,
-                        int64_t score_len, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
-                        int64_t max_blocks, float scale);
+bool split_kv_attention(const float* q, const void* kc, const void* vc, const float* k_scale, const float* v_scale,
+                        bool int8, const int64_t* tables, const int64_t* lens, const int64_t* qsl, float* out,
+                        float* lse, float* score_out, const int64_t* score_from, int64_t score_len, int64_t B,
+                        int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float scale);
 
 // q [T, H, D]; k_cache, v_cache [num_blocks, Hkv, block_size, D] in q's dtype, or int8 with k_scale, v_scale
 // [num_blocks, Hkv, block_size] fp32, or int4 as uint8 [num_blocks, Hkv, block_size, D / 2] with k_scale,
@@ -337,6 +337,12 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
     torch::Tensor ks = k_scale->contiguous(), vs = v_scale->contiguous();
     TORCH_CHECK(ks.scalar_type() == at::kFloat && ks.numel() == k_cache.numel() / D, "k_scale: fp32 per token/head");
     TORCH_CHECK(vs.scalar_type() == at::kFloat && vs.numel() == v_cache.numel() / D, "v_scale: fp32 per token/head");
+    if (split_kv_attention(q.data_ptr<float>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
+                           ks.data_ptr<float>(), vs.data_ptr<float>(), true, block_tables.data_ptr<int64_t>(),
+                           seq_lens.data_ptr<int64_t>(), query_start_loc.data_ptr<int64_t>(), out.data_ptr<float>(),
+                           lse_ptr, score_ptr, score_from_ptr, score_len, B, H, Hkv, D, bs, block_tables.size(1),
+                           static_cast<float>(scale)))
+      return {out, lse};
     attention_kernel<float, int8_t>(q.data_ptr<float>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
                                     ks.data_ptr<float>(), vs.data_ptr<float>(), 1, block_tables.data_ptr<int64_t>(),
                                     seq_lens.data_ptr<int64_t>(), query_start_loc.data_ptr<int64_t>(),
@@ -345,8 +351,8 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
     return {out, lse};
   }
   if (q.scalar_type() == at::kFloat &&
-      split_kv_attention(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                         block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
+      split_kv_attention(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr, nullptr,
+                         false, block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
                          query_start_loc.data_ptr<int64_t>(), out.data_ptr<float>(), lse_ptr, score_ptr, score_from_ptr,
                          score_len, B, H, Hkv, D, bs, block_tables.size(1), static_cast<float>(scale)))
     return {out, lse};

@@ -1,5 +1,6 @@
-// Paged attention for fp32 queries over an fp32 cache (the default engine's decode, speculative verification
-// and short prompt chunks), AVX2 builds: the same contract as paged_attention.cpp's generic kernel, faster.
+// Paged attention for fp32 queries over an fp32 or int8 cache (the default engine's decode, speculative
+// verification and short prompt chunks), AVX2 builds: the same contract as paged_attention.cpp's generic
+// kernel, faster. (int4 and KIVI caches keep their own kernels.)
 //
 // Why a second kernel: the generic one computes every q . k as its own reduction (one horizontal sum per key
 // and query row) and gives each (row, KV head) pair to one thread, so a single sequence with 3 KV heads keeps
@@ -17,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -40,41 +42,71 @@ inline __m256 sum8(const __m256 a[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// scores[i] = q . k_i for the 8 keys at offsets off[0..8) of the cache (D a multiple of 8).
-inline void score8(const float* q, const float* cache, const int64_t* off, int64_t D, float* scores) {
+// 8 cached elements as floats: fp32 as stored, int8 codes widened (their per-token scale is applied to the
+// whole dot product or softmax weight, not per element).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// One K or V cache: elements (fp32, or int8 codes with one fp32 scale per token and head) and, per key of the
+// chunk being attended, the key's element offset and (int8) scale.
+template <typename C>
+struct KeyRows {
+  const C* data;
+  const int64_t* off;   // [keys]: element offset of each key's row
+  const float* scale;   // [keys], int8 only: the row's scale
+};
+
+// scores[i] = q . k_i for the 8 keys starting at key i0 of `keys` (key indices clamped to last: a group's tail
+// repeats a key) (D a multiple of 8).
+template <typename C>
+inline void score8(const float* q, const KeyRows<C>& keys, int64_t i0, int64_t last, int64_t D, float* scores) {
+  const C* row[8];
+  for (int i = 0; i < 8; ++i) row[i] = keys.data + keys.off[std::min(i0 + i, last)];
   __m256 acc[8];
   for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t d = 0; d < D; d += 8) {
     const __m256 qv = _mm256_loadu_ps(q + d);
-    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(cache + off[i] + d), acc[i]);
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, load8(row[i] + d), acc[i]);
   }
-  _mm256_storeu_ps(scores, sum8(acc));
+  __m256 sc = sum8(acc);
+  if constexpr (std::is_same_v<C, int8_t>) {
+    alignas(32) float ks[8];
+    for (int i = 0; i < 8; ++i) ks[i] = keys.scale[std::min(i0 + i, last)];
+    sc = _mm256_mul_ps(sc, _mm256_load_ps(ks));
+  }
+  _mm256_storeu_ps(scores, sc);
 }
 
-// acc[0..8 NV) += sum over keys i < n of p[i] * v_i[d0 .. d0 + 8 NV): the NV output vectors stay in registers.
-template <int NV>
-inline void add_values(const float* p, const float* cache, const int64_t* off, int64_t n, int64_t d0, float* out) {
+// acc[0..8 NV) += sum over keys i < n (from key i0) of p[i] * v_i[d0 .. d0 + 8 NV): the NV output vectors stay
+// in registers.
+template <int NV, typename C>
+inline void add_values(const float* p, const KeyRows<C>& values, int64_t i0, int64_t n, int64_t d0, float* out) {
   __m256 acc[NV];
   for (int j = 0; j < NV; ++j) acc[j] = _mm256_loadu_ps(out + 8 * j);
   for (int64_t i = 0; i < n; ++i) {
-    const __m256 w = _mm256_broadcast_ss(p + i);
-    const float* v = cache + off[i] + d0;
-    for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), acc[j]);
+    float pi = p[i];
+    if constexpr (std::is_same_v<C, int8_t>) pi *= values.scale[i0 + i];
+    const __m256 w = _mm256_set1_ps(pi);
+    const C* v = values.data + values.off[i0 + i] + d0;
+    for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(w, load8(v + 8 * j), acc[j]);
   }
   for (int j = 0; j < NV; ++j) _mm256_storeu_ps(out + 8 * j, acc[j]);
 }
 
-inline void add_values_span(const float* p, const float* cache, const int64_t* off, int64_t n, int64_t d0,
+template <typename C>
+inline void add_values_span(const float* p, const KeyRows<C>& values, int64_t i0, int64_t n, int64_t d0,
                             int64_t span, float* out) {
   switch (span / 8) {
-    case 8: add_values<8>(p, cache, off, n, d0, out); break;
-    case 7: add_values<7>(p, cache, off, n, d0, out); break;
-    case 6: add_values<6>(p, cache, off, n, d0, out); break;
-    case 5: add_values<5>(p, cache, off, n, d0, out); break;
-    case 4: add_values<4>(p, cache, off, n, d0, out); break;
-    case 3: add_values<3>(p, cache, off, n, d0, out); break;
-    case 2: add_values<2>(p, cache, off, n, d0, out); break;
-    default: add_values<1>(p, cache, off, n, d0, out); break;
+    case 8: add_values<8>(p, values, i0, n, d0, out); break;
+    case 7: add_values<7>(p, values, i0, n, d0, out); break;
+    case 6: add_values<6>(p, values, i0, n, d0, out); break;
+    case 5: add_values<5>(p, values, i0, n, d0, out); break;
+    case 4: add_values<4>(p, values, i0, n, d0, out); break;
+    case 3: add_values<3>(p, values, i0, n, d0, out); break;
+    case 2: add_values<2>(p, values, i0, n, d0, out); break;
+    default: add_values<1>(p, values, i0, n, d0, out); break;
   }
 }
 
@@ -135,18 +167,23 @@ struct Partial {
 // Prefetch the keys (or values) of the tile starting at key i0 (< n) into L2. Needed because a head's tokens
 // are contiguous only within a block (16 tokens x 64 floats = one 4 KB page), and hardware prefetchers stop at
 // page boundaries: without it every block starts with a cache miss.
-inline void prefetch_tile(const float* cache, const int64_t* off, int64_t i0, int64_t n, int64_t D) {
+template <typename C>
+inline void prefetch_tile(const KeyRows<C>& rows, int64_t i0, int64_t n, int64_t D) {
+  constexpr int64_t per_line = 64 / sizeof(C);
   const int64_t end = std::min(n, i0 + kTileKeys);
   for (int64_t i = i0; i < end; ++i)
-    for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(cache + off[i] + d), _MM_HINT_T1);
+    for (int64_t d = 0; d < D; d += per_line)
+      _mm_prefetch(reinterpret_cast<const char*>(rows.data + rows.off[i] + d), _MM_HINT_T1);
 }
 
 // Partial attention of R query rows (qf, already scaled) over keys [t0, t1) of one (row, KV head); query row
-// r sees keys [0, first + r / QG]. `off` holds the cache offset of every key of the chunk. Both passes walk
+// r sees keys [0, first + r / QG]. `keys` and `values` index the chunk's keys from 0. Both passes walk
 // the keys in tiles of kTileKeys with the rows inside, so a tile of K or V is read from memory once and from
 // L1 by the other query heads of the group (rows outside would stream the chunk once per row).
-void attend_chunk(const float* qf, int64_t R, int64_t QG, int64_t first, const float* kc, const float* vc,
-                  const int64_t* off, int64_t t0, int64_t t1, int64_t D, std::vector<float>& scores, Partial part) {
+template <typename C>
+void attend_chunk(const float* qf, int64_t R, int64_t QG, int64_t first, const KeyRows<C>& keys,
+                  const KeyRows<C>& values, int64_t t0, int64_t t1, int64_t D, std::vector<float>& scores,
+                  Partial part) {
   const int64_t n = t1 - t0, padded = (n + kKeyGroup - 1) / kKeyGroup * kKeyGroup;
   scores.resize(R * padded);
   std::vector<int64_t> vis(R);
@@ -156,15 +193,11 @@ void attend_chunk(const float* qf, int64_t R, int64_t QG, int64_t first, const f
     most = std::max(most, vis[r]);
     std::fill(part.acc + r * D, part.acc + (r + 1) * D, 0.f);
   }
-  int64_t key_off[kKeyGroup];
   for (int64_t i0 = 0; i0 < most; i0 += kTileKeys) {  // pass 1: scores
-    prefetch_tile(kc, off, i0 + kTileKeys, most, D);
+    prefetch_tile(keys, i0 + kTileKeys, most, D);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t end = std::min(vis[r], i0 + kTileKeys);
-      for (int64_t i = i0; i < end; i += kKeyGroup) {
-        for (int64_t e = 0; e < kKeyGroup; ++e) key_off[e] = off[std::min(i + e, vis[r] - 1)];  // tail: repeat a key
-        score8(qf + r * D, kc, key_off, D, scores.data() + r * padded + i);
-      }
+      for (int64_t i = i0; i < end; i += kKeyGroup) score8(qf + r * D, keys, i, vis[r] - 1, D, scores.data() + r * padded + i);
     }
   }
   for (int64_t r = 0; r < R; ++r) {  // softmax numerators
@@ -181,28 +214,24 @@ void attend_chunk(const float* qf, int64_t R, int64_t QG, int64_t first, const f
     const float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
     part.m[r] = m, part.s[r] = exp_sum(sr, vis[r], m);
   }
-  prefetch_tile(vc, off, 0, most, D);
+  prefetch_tile(values, 0, most, D);
   for (int64_t i0 = 0; i0 < most; i0 += kTileKeys) {  // pass 2: values
-    prefetch_tile(vc, off, i0 + kTileKeys, most, D);
+    prefetch_tile(values, i0 + kTileKeys, most, D);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t cnt = std::min(vis[r], i0 + kTileKeys) - i0;
       if (cnt <= 0) continue;
       for (int64_t d0 = 0; d0 < D; d0 += kValueSpan)
-        add_values_span(scores.data() + r * padded + i0, vc, off + i0, cnt, d0, std::min(kValueSpan, D - d0),
+        add_values_span(scores.data() + r * padded + i0, values, i0, cnt, d0, std::min(kValueSpan, D - d0),
                         part.acc + r * D + d0);
     }
   }
 }
 
-}  // namespace
-
-// The kernel behind paged_attention() for fp32 q and cache in AVX2 builds. Arguments as paged_attention's;
-// `scores`/`score_from` (eviction) as there. Returns false where it does not apply (head_dim not a multiple
-// of 8), and the caller runs the generic kernel.
-bool split_kv_attention(const float* q, const float* kc, const float* vc, const int64_t* tables, const int64_t* lens,
-                        const int64_t* qsl, float* out, float* lse, float* score_out, const int64_t* score_from,
-                        int64_t score_len, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
-                        int64_t max_blocks, float scale) {
+template <typename C>
+bool split_kv(const float* q, const C* kc, const C* vc, const float* k_scale, const float* v_scale,
+              const int64_t* tables, const int64_t* lens, const int64_t* qsl, float* out, float* lse, float* score_out,
+              const int64_t* score_from, int64_t score_len, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
+              int64_t max_blocks, float scale) {
   if (D % 8 != 0 || B == 0) return D % 8 == 0;
   const int64_t QG = H / Hkv, T = qsl[B];
   int64_t max_len = 0;
@@ -216,7 +245,7 @@ bool split_kv_attention(const float* q, const float* kc, const float* vc, const 
   // partials [S, T, H]: max, sum, D accumulators
   std::vector<float> pm(S * T * H), ps(S * T * H), pacc(S * T * H * D);
   at::parallel_for(0, tasks * S, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf, scores, m, s, acc;
+    std::vector<float> qf, scores, m, s, acc, ksc, vsc;
     std::vector<int64_t> off;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t si = item % S, task = item / S, b = task / Hkv, h = task % Hkv;
@@ -224,7 +253,8 @@ bool split_kv_attention(const float* q, const float* kc, const float* vc, const 
       if (nq <= 0) continue;
       const int64_t chunk = (L + S - 1) / S, t0 = std::min(L, si * chunk), t1 = std::min(L, t0 + chunk);
       const int64_t R = nq * QG, first = L - nq;
-      qf.resize(R * D), m.resize(R), s.resize(R), acc.resize(R * D), off.resize(std::max<int64_t>(1, t1 - t0));
+      const int64_t keys = std::max<int64_t>(1, t1 - t0);
+      qf.resize(R * D), m.resize(R), s.resize(R), acc.resize(R * D), off.resize(keys);
       for (int64_t j = 0; j < nq; ++j)
         for (int64_t g = 0; g < QG; ++g) {
           const float* src = q + ((q0 + j) * H + h * QG + g) * D;
@@ -238,7 +268,12 @@ bool split_kv_attention(const float* q, const float* kc, const float* vc, const 
         for (int64_t o = 0; o < cnt; ++o) off[t - t0 + o] = base + o * D;
         t += cnt;
       }
-      attend_chunk(qf.data(), R, QG, first, kc, vc, off.data(), t0, t1, D, scores, Partial{m.data(), s.data(), acc.data()});
+      if constexpr (std::is_same_v<C, int8_t>) {  // each key's scales: its row is its offset / D
+        ksc.resize(keys), vsc.resize(keys);
+        for (int64_t i = 0; i < t1 - t0; ++i) ksc[i] = k_scale[off[i] / D], vsc[i] = v_scale[off[i] / D];
+      }
+      attend_chunk(qf.data(), R, QG, first, KeyRows<C>{kc, off.data(), ksc.data()},
+                   KeyRows<C>{vc, off.data(), vsc.data()}, t0, t1, D, scores, Partial{m.data(), s.data(), acc.data()});
       if (score_out != nullptr && score_from[b] >= 0) {  // S == 1: the chunk is the whole row
         const int64_t padded = (L + kKeyGroup - 1) / kKeyGroup * kKeyGroup;
         float* dst = score_out + (b * Hkv + h) * score_len;
@@ -282,10 +317,26 @@ bool split_kv_attention(const float* q, const float* kc, const float* vc, const 
   });
   return true;
 }
+}  // namespace
+
+// The kernel behind paged_attention() for fp32 q over an fp32 cache (k_scale, v_scale null) or an int8 one
+// (scales [blocks, Hkv, block_size] fp32) in AVX2 builds. Arguments as paged_attention's; `scores` /
+// `score_from` (eviction) as there. Returns false where it does not apply (head_dim not a multiple of 8), and
+// the caller runs the generic kernel.
+bool split_kv_attention(const float* q, const void* kc, const void* vc, const float* k_scale, const float* v_scale,
+                        bool int8, const int64_t* tables, const int64_t* lens, const int64_t* qsl, float* out,
+                        float* lse, float* score_out, const int64_t* score_from, int64_t score_len, int64_t B,
+                        int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float scale) {
+  if (int8)
+    return split_kv(q, static_cast<const int8_t*>(kc), static_cast<const int8_t*>(vc), k_scale, v_scale, tables, lens,
+                    qsl, out, lse, score_out, score_from, score_len, B, H, Hkv, D, bs, max_blocks, scale);
+  return split_kv(q, static_cast<const float*>(kc), static_cast<const float*>(vc), nullptr, nullptr, tables, lens, qsl,
+                  out, lse, score_out, score_from, score_len, B, H, Hkv, D, bs, max_blocks, scale);
+}
 #else
-bool split_kv_attention(const float*, const float*, const float*, const int64_t*, const int64_t*, const int64_t*,
-                        float*, float*, float*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                        int64_t, float) {
+bool split_kv_attention(const float*, const void*, const void*, const float*, const float*, bool, const int64_t*,
+                        const int64_t*, const int64_t*, float*, float*, float*, const int64_t*, int64_t, int64_t,
+                        int64_t, int64_t, int64_t, int64_t, int64_t, float) {
   return false;  // portable builds: the generic kernel
 }
 #endif
