@@ -4,6 +4,7 @@ Qwen2.5-Coder pair: 0.5B drafting for 1.5B).
 
     python benchmarks/spec_vs_llamacpp.py [--workloads grounded,code] [--repeats 3] [--json out.json]
     python benchmarks/spec_vs_llamacpp.py --workloads grounded --batch 16   # tokenmill alone, 16 at once
+    python benchmarks/spec_vs_llamacpp.py --workloads code --modes "draft k=4,plain int8-act"
 
 Each engine runs in its own process and venv, one after the other (benchmarks/peers/tokenmill_spec.py,
 benchmarks/peers/llamacpp_spec.py), greedy, every prompt alone, until the end-of-sequence token or
@@ -76,6 +77,13 @@ WORKLOADS: dict[str, dict[str, Any]] = {
                 "name": "ngram auto",
                 "speculative_config": {"method": "ngram", "num_speculative_tokens": "auto"},
             },
+            # int8 activations (as llama.cpp's Q8 blocks): lossy, so "same" compares with the exact plain run
+            {"name": "plain int8-act", "engine": {"activations": "int8"}},
+            {
+                "name": "ngram auto int8-act",
+                "speculative_config": {"method": "ngram", "num_speculative_tokens": "auto"},
+                "engine": {"activations": "int8"},
+            },
         ],
         "llamacpp": [
             {"name": "plain", "kind": "plain"},
@@ -99,6 +107,16 @@ WORKLOADS: dict[str, dict[str, Any]] = {
                     "model": str(QWEN_DRAFT),
                     "num_speculative_tokens": 4,
                 },
+            },
+            {"name": "plain int8-act", "engine": {"activations": "int8"}},
+            {
+                "name": "draft k=4 int8-act",
+                "speculative_config": {
+                    "method": "draft_model",
+                    "model": str(QWEN_DRAFT),
+                    "num_speculative_tokens": 4,
+                },
+                "engine": {"activations": "int8"},
             },
         ],
         "llamacpp": [
@@ -157,9 +175,19 @@ def main() -> None:
     p.add_argument(
         "--batch", type=int, default=1, help="B > 1: tokenmill only, B prompts in one generate (default: 1)"
     )
+    p.add_argument(
+        "--modes",
+        default=None,
+        help="run only these modes (names as in the tables, comma-separated; plain always runs) (default: all)",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--log-dir", default=None)
     args = p.parse_args()
+    wanted = None if args.modes is None else {m.strip() for m in args.modes.split(",")} | {"plain"}
+
+    def modes_of(workload: str, engine: str) -> list[dict[str, Any]]:
+        return [m for m in WORKLOADS[workload][engine] if wanted is None or m["name"] in wanted]
+
     engines = args.engines.split(",")
     if "llamacpp" in engines and not LLAMACPP_PYTHON.exists():
         raise SystemExit(
@@ -187,7 +215,7 @@ def main() -> None:
         }  # fmt: skip
         print(f"{workload}: {len(prompts)} prompts of {[len(q) for q in prompts]} tokens", file=sys.stderr)
         if args.batch > 1:
-            engine_spec = dict(spec, modes=WORKLOADS[workload]["tokenmill"], batch=args.batch)
+            engine_spec = dict(spec, modes=modes_of(workload, "tokenmill"), batch=args.batch)
             wa = worker_args(args.threads, Path(gguf), 3600)
             cells = {
                 "tokenmill": summarise_batch(run_worker("tokenmill", engine_spec, wa, log_dir, worker="spec"))
@@ -201,7 +229,7 @@ def main() -> None:
             continue
         cells = {}
         for engine in engines:
-            engine_spec = dict(spec, modes=WORKLOADS[workload][engine])
+            engine_spec = dict(spec, modes=modes_of(workload, engine))
             wa = worker_args(args.threads, Path(gguf), 3600)
             result = run_worker(engine, engine_spec, wa, log_dir, worker="spec")
             cells[engine] = summarise(result)

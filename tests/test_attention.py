@@ -69,20 +69,21 @@ def test_cpu_kernel_matches_reference_with_lse(rows_case):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("query_len", [1, 3])
-@pytest.mark.parametrize("cache", ["fp32", "int8"])
+@pytest.mark.parametrize("cache", ["fp32", "int8", "int4"])
 def test_cpu_kernel_splits_long_rows_exactly(threads, query_len, cache):
     """One long row with one KV head: the kernel cuts its keys into chunks (a partial softmax each, merged
     through their maxima) so both threads have work; the result is attention over all of them (over the
-    dequantized cache for int8)."""
+    dequantized cache for int8 and int4)."""
     kernels = load_cpu_kernels()
     g = torch.Generator().manual_seed(3)
     bs, d, group, length = 16, 64, 3, 301
     k_cache = torch.randn(24, 1, bs, d, generator=g) * 3  # large logits: the merge must rescale exactly
     v_cache = torch.randn(24, 1, bs, d, generator=g)
     ks = vs = None
-    if cache == "int8":
-        (kc, ks), (vc, vs) = quantize_int8(k_cache), quantize_int8(v_cache)
-        k_cache, v_cache = dequantize_int8(kc, ks), dequantize_int8(vc, vs)
+    if cache != "fp32":
+        (kc, ks), dequantize = _int8(k_cache) if cache == "int8" else _int4(k_cache)
+        (vc, vs), _ = _int8(v_cache) if cache == "int8" else _int4(v_cache)
+        k_cache, v_cache = dequantize(kc, ks), dequantize(vc, vs)
     else:
         kc, vc = k_cache, v_cache
     tables = torch.randperm(24, generator=g)[:19].view(1, 19)

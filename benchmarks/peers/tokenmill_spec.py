@@ -1,5 +1,6 @@
 """tokenmill's side of benchmarks/spec_vs_llamacpp.py: greedy generation of each prompt alone, per speculative
-mode (one engine per mode, prefix caching off so no run reuses another's prompt).
+mode (one engine per mode, prefix caching off so no run reuses another's prompt; a mode's "engine" dict adds
+engine options).
 
     .venv/bin/python benchmarks/peers/tokenmill_spec.py SPEC.json RESULT.json
 
@@ -44,6 +45,7 @@ def main() -> None:
             kv_cache_memory="1GiB",
             speculative_config=config,
             max_model_len=spec["max_model_len"],
+            **mode.get("engine", {}),  # further engine options of the mode, e.g. activations
         )
         load_s = time.perf_counter() - start
         full = SamplingParams(max_tokens=spec["max_tokens"], temperature=0)

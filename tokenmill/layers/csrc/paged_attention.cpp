@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "kivi_checks.h"
+#include "split_kv_attention.h"
 
 // The build's -m flags fix the instruction-set level (cpu_kernels.py), as in quant_linear.cpp.
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -38,52 +39,7 @@
 #endif
 #endif
 
-// One packed row of `bits`-bit codes (byte j holds element j + i * span at bit i * bits, span = D * bits / 8;
-// int4's nibble layout is bits = 4) into D floats: the codes, or with `sm` (fp16 scale, min per group of `grp`
-// elements) the dequantized values. A task decodes each cached row once into this small buffer and reuses it
-// for every query row that reads it (the query heads of a KV head, a row's several queries), instead of
-// unpacking nibbles inside every dot product. AVX-512 / AVX2 widen 16 / 8 codes at a time; the scalar loop
-// is the portable path and the tail.
-static inline void decode_row(const uint8_t* bytes, int bits, int64_t D, int64_t grp, const at::Half* sm,
-                              float* out) {
-  const int per = 8 / bits, mask = (1 << bits) - 1;
-  const int64_t span = D / per;
-  for (int i = 0; i < per; ++i) {
-    const int shift = i * bits;
-    float* o = out + i * span;
-    int64_t j = 0;
-#ifdef TM_AVX512
-    {
-      const __m512i vm = _mm512_set1_epi32(mask);
-      const __m128i cnt = _mm_cvtsi32_si128(shift);
-      for (; j + 16 <= span; j += 16) {
-        __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + j)));
-        w = _mm512_and_si512(_mm512_srl_epi32(w, cnt), vm);
-        _mm512_storeu_ps(o + j, _mm512_cvtepi32_ps(w));
-      }
-    }
-#endif
-#ifdef TM_AVX2
-    {
-      const __m256i vm = _mm256_set1_epi32(mask);
-      const __m128i cnt = _mm_cvtsi32_si128(shift);
-      for (; j + 8 <= span; j += 8) {
-        __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + j)));
-        w = _mm256_and_si256(_mm256_srl_epi32(w, cnt), vm);
-        _mm256_storeu_ps(o + j, _mm256_cvtepi32_ps(w));
-      }
-    }
-#endif
-    for (; j < span; ++j) o[j] = static_cast<float>((bytes[j] >> shift) & mask);
-  }
-  if (sm == nullptr) return;
-  for (int64_t g = 0; g < D / grp; ++g) {
-    const float s = static_cast<float>(sm[2 * g]), m = static_cast<float>(sm[2 * g + 1]);
-    float* o = out + g * grp;
-#pragma omp simd
-    for (int64_t e = 0; e < grp; ++e) o[e] = o[e] * s + m;
-  }
-}
+#include "packed_rows.h"  // after the ISA macros: it compiles the paths they enable
 
 // A residual row as floats: fp32 rows as they are, fp16 rows widened into buf (F16C where the build has it),
 // once per key or value, for every query row of the task.
@@ -251,12 +207,6 @@ static void attention_kernel(const T* q, const C* kc, const C* vc, const void* k
   });
 }
 
-// split_kv_attention.cpp: the fp32 kernel of AVX2 builds (false where it does not apply).
-bool split_kv_attention(const float* q, const void* kc, const void* vc, const float* k_scale, const float* v_scale,
-                        bool int8, const int64_t* tables, const int64_t* lens, const int64_t* qsl, float* out,
-                        float* lse, float* score_out, const int64_t* score_from, int64_t score_len, int64_t B,
-                        int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float scale);
-
 // q [T, H, D]; k_cache, v_cache [num_blocks, Hkv, block_size, D] in q's dtype, or int8 with k_scale, v_scale
 // [num_blocks, Hkv, block_size] fp32, or int4 as uint8 [num_blocks, Hkv, block_size, D / 2] with k_scale,
 // v_scale [num_blocks, Hkv, block_size, G, 2] fp16 (scale, min per group) (quantized: q is fp32); block_tables [B, max_blocks] int64; seq_lens [B] int64
@@ -325,6 +275,12 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
                 "int4 scales: fp16 [blocks, Hkv, block_size, groups, 2]");
     const int64_t G = ks.size(3);
     TORCH_CHECK((D / 2) % (D / G) == 0, "int4: a group must lie within one half of the head");
+    if (split_kv_attention(q.data_ptr<float>(), k_cache.data_ptr<uint8_t>(), v_cache.data_ptr<uint8_t>(),
+                           ks.data_ptr<at::Half>(), vs.data_ptr<at::Half>(), CacheKind::kInt4, G,
+                           block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
+                           query_start_loc.data_ptr<int64_t>(), out.data_ptr<float>(), lse_ptr, score_ptr,
+                           score_from_ptr, score_len, B, H, Hkv, D, bs, block_tables.size(1), static_cast<float>(scale)))
+      return {out, lse};
     attention_kernel<float, uint8_t>(q.data_ptr<float>(), k_cache.data_ptr<uint8_t>(), v_cache.data_ptr<uint8_t>(),
                                      ks.data_ptr<at::Half>(), vs.data_ptr<at::Half>(), G,
                                      block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
@@ -338,7 +294,7 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
     TORCH_CHECK(ks.scalar_type() == at::kFloat && ks.numel() == k_cache.numel() / D, "k_scale: fp32 per token/head");
     TORCH_CHECK(vs.scalar_type() == at::kFloat && vs.numel() == v_cache.numel() / D, "v_scale: fp32 per token/head");
     if (split_kv_attention(q.data_ptr<float>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
-                           ks.data_ptr<float>(), vs.data_ptr<float>(), true, block_tables.data_ptr<int64_t>(),
+                           ks.data_ptr<float>(), vs.data_ptr<float>(), CacheKind::kInt8, 1, block_tables.data_ptr<int64_t>(),
                            seq_lens.data_ptr<int64_t>(), query_start_loc.data_ptr<int64_t>(), out.data_ptr<float>(),
                            lse_ptr, score_ptr, score_from_ptr, score_len, B, H, Hkv, D, bs, block_tables.size(1),
                            static_cast<float>(scale)))
@@ -352,7 +308,7 @@ std::vector<torch::Tensor> paged_attention(torch::Tensor q, torch::Tensor k_cach
   }
   if (q.scalar_type() == at::kFloat &&
       split_kv_attention(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr, nullptr,
-                         false, block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
+                         CacheKind::kFloat, 1, block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
                          query_start_loc.data_ptr<int64_t>(), out.data_ptr<float>(), lse_ptr, score_ptr, score_from_ptr,
                          score_len, B, H, Hkv, D, bs, block_tables.size(1), static_cast<float>(scale)))
     return {out, lse};

@@ -21,12 +21,25 @@
 #include <type_traits>
 #include <vector>
 
+#include "split_kv_attention.h"
+
+// The build's -m flags fix the instruction-set level (cpu_kernels.py), as in paged_attention.cpp.
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
-#define TM_SPLIT_KV 1
+#ifndef TM_AVX2
+#define TM_AVX2 1
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+#ifndef TM_AVX512
+#define TM_AVX512 1
+#endif
+#endif
 #endif
 
-#ifdef TM_SPLIT_KV
+#include "packed_rows.h"  // after the ISA macros: it compiles the paths they enable
+
+#ifdef TM_AVX2
 namespace {
 
 constexpr int64_t kMinChunkKeys = 64;  // never split a row's keys finer than this
@@ -176,14 +189,43 @@ inline void prefetch_tile(const KeyRows<C>& rows, int64_t i0, int64_t n, int64_t
       _mm_prefetch(reinterpret_cast<const char*>(rows.data + rows.off[i] + d), _MM_HINT_T1);
 }
 
+// Where attend_chunk reads a tile of keys (or values) [i0, i0 + n) of its chunk from: the cache rows in place
+// (fp32, int8) ...
+template <typename C>
+struct DirectRows {
+  KeyRows<C> rows;
+  const KeyRows<C>& tile(int64_t, int64_t) const { return rows; }
+  void prefetch(int64_t i0, int64_t n, int64_t D) const { prefetch_tile(rows, i0, n, D); }
+};
+
+// ... or int4 rows (two codes per byte: element j low, j + D/2 high; an fp16 scale and min per group of D / G)
+// dequantized a tile at a time into a small fp32 buffer, each row once for every query row of the group.
+struct Int4Rows {
+  const uint8_t* data;
+  const at::Half* stats;    // [rows, G, 2]
+  const int64_t* off;       // [keys]: row * D (element offsets, as the direct sources')
+  const int64_t* tile_off;  // [keys]: (key % kTileKeys) * D, the key's row in `buf`
+  int64_t D, G;
+  float* buf;               // [kTileKeys, D]
+  KeyRows<float> tile(int64_t i0, int64_t n) const {
+    for (int64_t i = i0; i < i0 + n; ++i)
+      decode_row(data + off[i] / 2, 4, D, D / G, stats + off[i] / D * G * 2, buf + (i - i0) * D);
+    return KeyRows<float>{buf, tile_off, nullptr};
+  }
+  void prefetch(int64_t i0, int64_t n, int64_t) const {
+    const int64_t end = std::min(n, i0 + kTileKeys);
+    for (int64_t i = i0; i < end; ++i)
+      for (int64_t byte = 0; byte < D / 2; byte += 64) _mm_prefetch(reinterpret_cast<const char*>(data + off[i] / 2 + byte), _MM_HINT_T1);
+  }
+};
+
 // Partial attention of R query rows (qf, already scaled) over keys [t0, t1) of one (row, KV head); query row
-// r sees keys [0, first + r / QG]. `keys` and `values` index the chunk's keys from 0. Both passes walk
+// r sees keys [0, first + r / QG]. `keys` and `values` (sources above) index the chunk's keys from 0. Both passes walk
 // the keys in tiles of kTileKeys with the rows inside, so a tile of K or V is read from memory once and from
 // L1 by the other query heads of the group (rows outside would stream the chunk once per row).
-template <typename C>
-void attend_chunk(const float* qf, int64_t R, int64_t QG, int64_t first, const KeyRows<C>& keys,
-                  const KeyRows<C>& values, int64_t t0, int64_t t1, int64_t D, std::vector<float>& scores,
-                  Partial part) {
+template <typename Src>
+void attend_chunk(const float* qf, int64_t R, int64_t QG, int64_t first, const Src& keys, const Src& values,
+                  int64_t t0, int64_t t1, int64_t D, std::vector<float>& scores, Partial part) {
   const int64_t n = t1 - t0, padded = (n + kKeyGroup - 1) / kKeyGroup * kKeyGroup;
   scores.resize(R * padded);
   std::vector<int64_t> vis(R);
@@ -194,10 +236,11 @@ void attend_chunk(const float* qf, int64_t R, int64_t QG, int64_t first, const K
     std::fill(part.acc + r * D, part.acc + (r + 1) * D, 0.f);
   }
   for (int64_t i0 = 0; i0 < most; i0 += kTileKeys) {  // pass 1: scores
-    prefetch_tile(keys, i0 + kTileKeys, most, D);
+    keys.prefetch(i0 + kTileKeys, most, D);
+    const auto& tile = keys.tile(i0, std::min(most, i0 + kTileKeys) - i0);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t end = std::min(vis[r], i0 + kTileKeys);
-      for (int64_t i = i0; i < end; i += kKeyGroup) score8(qf + r * D, keys, i, vis[r] - 1, D, scores.data() + r * padded + i);
+      for (int64_t i = i0; i < end; i += kKeyGroup) score8(qf + r * D, tile, i, vis[r] - 1, D, scores.data() + r * padded + i);
     }
   }
   for (int64_t r = 0; r < R; ++r) {  // softmax numerators
@@ -214,21 +257,24 @@ void attend_chunk(const float* qf, int64_t R, int64_t QG, int64_t first, const K
     const float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
     part.m[r] = m, part.s[r] = exp_sum(sr, vis[r], m);
   }
-  prefetch_tile(values, 0, most, D);
+  values.prefetch(0, most, D);
   for (int64_t i0 = 0; i0 < most; i0 += kTileKeys) {  // pass 2: values
-    prefetch_tile(values, i0 + kTileKeys, most, D);
+    values.prefetch(i0 + kTileKeys, most, D);
+    const auto& tile = values.tile(i0, std::min(most, i0 + kTileKeys) - i0);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t cnt = std::min(vis[r], i0 + kTileKeys) - i0;
       if (cnt <= 0) continue;
       for (int64_t d0 = 0; d0 < D; d0 += kValueSpan)
-        add_values_span(scores.data() + r * padded + i0, values, i0, cnt, d0, std::min(kValueSpan, D - d0),
+        add_values_span(scores.data() + r * padded + i0, tile, i0, cnt, d0, std::min(kValueSpan, D - d0),
                         part.acc + r * D + d0);
     }
   }
 }
 
+// C: the cache's element type: float, int8_t, or uint8_t for int4 (k_scale, v_scale: fp32 per row for int8,
+// fp16 (scale, min) per row and group for int4, with G groups).
 template <typename C>
-bool split_kv(const float* q, const C* kc, const C* vc, const float* k_scale, const float* v_scale,
+bool split_kv(const float* q, const C* kc, const C* vc, const void* k_scale, const void* v_scale, int64_t G,
               const int64_t* tables, const int64_t* lens, const int64_t* qsl, float* out, float* lse, float* score_out,
               const int64_t* score_from, int64_t score_len, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs,
               int64_t max_blocks, float scale) {
@@ -245,8 +291,8 @@ bool split_kv(const float* q, const C* kc, const C* vc, const float* k_scale, co
   // partials [S, T, H]: max, sum, D accumulators
   std::vector<float> pm(S * T * H), ps(S * T * H), pacc(S * T * H * D);
   at::parallel_for(0, tasks * S, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf, scores, m, s, acc, ksc, vsc;
-    std::vector<int64_t> off;
+    std::vector<float> qf, scores, m, s, acc, ksc, vsc, kbuf, vbuf;
+    std::vector<int64_t> off, tile_off;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t si = item % S, task = item / S, b = task / Hkv, h = task % Hkv;
       const int64_t L = lens[b], q0 = qsl[b], nq = qsl[b + 1] - q0;
@@ -268,12 +314,24 @@ bool split_kv(const float* q, const C* kc, const C* vc, const float* k_scale, co
         for (int64_t o = 0; o < cnt; ++o) off[t - t0 + o] = base + o * D;
         t += cnt;
       }
-      if constexpr (std::is_same_v<C, int8_t>) {  // each key's scales: its row is its offset / D
-        ksc.resize(keys), vsc.resize(keys);
-        for (int64_t i = 0; i < t1 - t0; ++i) ksc[i] = k_scale[off[i] / D], vsc[i] = v_scale[off[i] / D];
+      const Partial part{m.data(), s.data(), acc.data()};
+      if constexpr (std::is_same_v<C, uint8_t>) {
+        kbuf.resize(kTileKeys * D), vbuf.resize(kTileKeys * D), tile_off.resize(keys);
+        for (int64_t i = 0; i < keys; ++i) tile_off[i] = (i % kTileKeys) * D;
+        const auto* ks = static_cast<const at::Half*>(k_scale);
+        const auto* vs = static_cast<const at::Half*>(v_scale);
+        attend_chunk(qf.data(), R, QG, first, Int4Rows{kc, ks, off.data(), tile_off.data(), D, G, kbuf.data()},
+                     Int4Rows{vc, vs, off.data(), tile_off.data(), D, G, vbuf.data()}, t0, t1, D, scores, part);
+      } else {
+        if constexpr (std::is_same_v<C, int8_t>) {  // each key's scales: its row is its offset / D
+          ksc.resize(keys), vsc.resize(keys);
+          const auto* ks = static_cast<const float*>(k_scale);
+          const auto* vs = static_cast<const float*>(v_scale);
+          for (int64_t i = 0; i < t1 - t0; ++i) ksc[i] = ks[off[i] / D], vsc[i] = vs[off[i] / D];
+        }
+        attend_chunk(qf.data(), R, QG, first, DirectRows<C>{KeyRows<C>{kc, off.data(), ksc.data()}},
+                     DirectRows<C>{KeyRows<C>{vc, off.data(), vsc.data()}}, t0, t1, D, scores, part);
       }
-      attend_chunk(qf.data(), R, QG, first, KeyRows<C>{kc, off.data(), ksc.data()},
-                   KeyRows<C>{vc, off.data(), vsc.data()}, t0, t1, D, scores, Partial{m.data(), s.data(), acc.data()});
       if (score_out != nullptr && score_from[b] >= 0) {  // S == 1: the chunk is the whole row
         const int64_t padded = (L + kKeyGroup - 1) / kKeyGroup * kKeyGroup;
         float* dst = score_out + (b * Hkv + h) * score_len;
@@ -319,24 +377,26 @@ bool split_kv(const float* q, const C* kc, const C* vc, const float* k_scale, co
 }
 }  // namespace
 
-// The kernel behind paged_attention() for fp32 q over an fp32 cache (k_scale, v_scale null) or an int8 one
-// (scales [blocks, Hkv, block_size] fp32) in AVX2 builds. Arguments as paged_attention's; `scores` /
-// `score_from` (eviction) as there. Returns false where it does not apply (head_dim not a multiple of 8), and
-// the caller runs the generic kernel.
-bool split_kv_attention(const float* q, const void* kc, const void* vc, const float* k_scale, const float* v_scale,
-                        bool int8, const int64_t* tables, const int64_t* lens, const int64_t* qsl, float* out,
-                        float* lse, float* score_out, const int64_t* score_from, int64_t score_len, int64_t B,
-                        int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float scale) {
-  if (int8)
-    return split_kv(q, static_cast<const int8_t*>(kc), static_cast<const int8_t*>(vc), k_scale, v_scale, tables, lens,
-                    qsl, out, lse, score_out, score_from, score_len, B, H, Hkv, D, bs, max_blocks, scale);
-  return split_kv(q, static_cast<const float*>(kc), static_cast<const float*>(vc), nullptr, nullptr, tables, lens, qsl,
-                  out, lse, score_out, score_from, score_len, B, H, Hkv, D, bs, max_blocks, scale);
+bool split_kv_attention(const float* q, const void* kc, const void* vc, const void* k_scale, const void* v_scale,
+                        CacheKind kind, int64_t groups, const int64_t* tables, const int64_t* lens, const int64_t* qsl,
+                        float* out, float* lse, float* score_out, const int64_t* score_from, int64_t score_len,
+                        int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float scale) {
+  switch (kind) {
+    case CacheKind::kInt8:
+      return split_kv(q, static_cast<const int8_t*>(kc), static_cast<const int8_t*>(vc), k_scale, v_scale, groups,
+                      tables, lens, qsl, out, lse, score_out, score_from, score_len, B, H, Hkv, D, bs, max_blocks, scale);
+    case CacheKind::kInt4:
+      return split_kv(q, static_cast<const uint8_t*>(kc), static_cast<const uint8_t*>(vc), k_scale, v_scale, groups,
+                      tables, lens, qsl, out, lse, score_out, score_from, score_len, B, H, Hkv, D, bs, max_blocks, scale);
+    default:
+      return split_kv(q, static_cast<const float*>(kc), static_cast<const float*>(vc), nullptr, nullptr, groups,
+                      tables, lens, qsl, out, lse, score_out, score_from, score_len, B, H, Hkv, D, bs, max_blocks, scale);
+  }
 }
 #else
-bool split_kv_attention(const float*, const void*, const void*, const float*, const float*, bool, const int64_t*,
-                        const int64_t*, const int64_t*, float*, float*, float*, const int64_t*, int64_t, int64_t,
-                        int64_t, int64_t, int64_t, int64_t, int64_t, float) {
+bool split_kv_attention(const float*, const void*, const void*, const void*, const void*, CacheKind, int64_t,
+                        const int64_t*, const int64_t*, const int64_t*, float*, float*, float*, const int64_t*, int64_t,
+                        int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float) {
   return false;  // portable builds: the generic kernel
 }
 #endif
