@@ -172,8 +172,8 @@ inline void dot_rows_i16(const Int16Activations& a, int64_t r0, int64_t K, const
     const float* xs = a.scale.data() + (r0 + r) * nb;
     for (int64_t b = 0; b < nb; ++b) cs[r][b] = ws[b] * xs[b];
   }
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  __m256 acc[R];  // one chain per row (fixed indices keep them in registers; a runtime b & 1 did not)
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const __m128i mask = _mm_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     __m256i w0, w1;
@@ -191,10 +191,10 @@ inline void dot_rows_i16(const Int16Activations& a, int64_t r0, int64_t K, const
       const __m256i p = _mm256_add_epi32(
           _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
           _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16))));
-      acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&cs[r][b]), acc[r][b & 1]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&cs[r][b]), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + offset[r];
+  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(acc[r]) + offset[r];
 }
 
 // One activation row (single-sequence decode) against two weight rows at a time: the activation block is
@@ -233,8 +233,8 @@ inline void dot_wide_i16(const Int16Activations& a, int64_t K, const uint8_t* co
       for (int64_t b = 0; b < nb; ++b) off[w] += tmp[b] * a.sum[b];
     }
   }
-  __m256 acc[W][2];
-  for (int w = 0; w < W; ++w) acc[w][0] = acc[w][1] = _mm256_setzero_ps();
+  __m256 acc[W];  // one chain per weight row: W chains cover the FMA latency
+  for (int w = 0; w < W; ++w) acc[w] = _mm256_setzero_ps();
   constexpr int64_t block_bytes = Q4 ? kBlock / 2 : kBlock;
   for (int64_t b = 0; b < nb; ++b) {
     if ((b * block_bytes) % 64 == 0) prefetch_rows_ahead<W>(codes, row_bytes, b * block_bytes);
@@ -245,10 +245,10 @@ inline void dot_wide_i16(const Int16Activations& a, int64_t K, const uint8_t* co
       const uint8_t* c = codes + w * row_bytes;
       const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(decode_i16<Q4>(c, b, 0), x0),
                                          _mm256_madd_epi16(decode_i16<Q4>(c, b, 1), x1));
-      acc[w][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&cs[w][b]), acc[w][b & 1]);
+      acc[w] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&cs[w][b]), acc[w]);
     }
   }
-  for (int w = 0; w < W; ++w) y[w] = hsum(_mm256_add_ps(acc[w][0], acc[w][1])) + off[w];
+  for (int w = 0; w < W; ++w) y[w] = hsum(acc[w]) + off[w];
 }
 
 // ---- int8 activations (EngineConfig.activations = "int8") ----
@@ -294,18 +294,18 @@ inline void dot_wide_i8(const Int8Activations& a, int64_t K, const uint8_t* code
       for (int64_t b = 0; b < nb; ++b) off[w] += tmp[b] * a.sum[b];
     }
   }
-  __m256 acc[W][2];
-  for (int w = 0; w < W; ++w) acc[w][0] = acc[w][1] = _mm256_setzero_ps();
+  __m256 acc[W];  // one chain per weight row: W chains cover the FMA latency
+  for (int w = 0; w < W; ++w) acc[w] = _mm256_setzero_ps();
   constexpr int64_t block_bytes = Q4 ? kBlock / 2 : kBlock;
   for (int64_t b = 0; b < nb; ++b) {
     if ((b * block_bytes) % 64 == 0) prefetch_rows_ahead<W>(codes, row_bytes, b * block_bytes);
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + b * kBlock));
     for (int w = 0; w < W; ++w) {
       const __m256i p = block_dot_i8<Q4>(weight_bytes<Q4>(codes + w * row_bytes, b), x);
-      acc[w][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&cs[w][b]), acc[w][b & 1]);
+      acc[w] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&cs[w][b]), acc[w]);
     }
   }
-  for (int w = 0; w < W; ++w) y[w] = hsum(_mm256_add_ps(acc[w][0], acc[w][1])) + off[w];
+  for (int w = 0; w < W; ++w) y[w] = hsum(acc[w]) + off[w];
 }
 
 // R activation rows against one weight row (as dot_rows_i16), int8 activations: each weight block is
@@ -328,17 +328,17 @@ inline void dot_rows_i8(const Int8Activations& a, int64_t r0, int64_t K, const u
     const float* xs = a.scale.data() + (r0 + r) * nb;
     for (int64_t b = 0; b < nb; ++b) cs[r][b] = ws[b] * xs[b];
   }
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  __m256 acc[R];  // one chain per row (fixed indices keep them in registers; a runtime b & 1 did not)
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const __m256i w = weight_bytes<Q4>(codes, b);
     for (int r = 0; r < R; ++r) {
       const int8_t* xq = a.q.data() + ((r0 + r) * nb + b) * kBlock;
       const __m256i p = block_dot_i8<Q4>(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
-      acc[r][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&cs[r][b]), acc[r][b & 1]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&cs[r][b]), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + offset[r];
+  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(acc[r]) + offset[r];
 }
 
 #ifdef TM_AVX512
