@@ -230,3 +230,11 @@ def test_env_report_names_the_linear_plan():
     r = env_report(load=False)
     assert r["linear_plan"]["gemm_min_rows"] == plan_for(detect_isa(), cpu_vendor()).gemm_min_rows
     assert f"{r['linear_plan']['gemm_min_rows']}+ rows" in format_report(r)
+
+
+def test_env_report_names_the_decode_attention_kernel():
+    from tokenmill.entrypoints.env_info import env_report, format_report
+
+    r = env_report(load=False)
+    line = next(ln for ln in format_report(r).splitlines() if "decode attention" in ln)
+    assert ("split-KV" in line) == (r["isa"] != "portable")

@@ -38,7 +38,19 @@ def _plan_line(plan: dict[str, Any] | None) -> str:
         return "-"
     rows = plan["gemm_min_rows"]
     few = "fp32 rows (AVX-512)" if plan["fp32_rows"] else "int16 dot products"
-    return f"1 row: int16 GEMV; 2-{rows - 1} rows: {few}; {rows}+ rows: tile decode + GEMM (w8a8: int8 GEMM)"
+    return (
+        f"1 row: int16 GEMV; 2-{rows - 1} rows: {few}; {rows}+ rows: tile decode + GEMM (w8a8: int8 GEMM); "
+        "--activations int8: int8 dot products"
+    )
+
+
+def _attention_line(isa: str | None) -> str:
+    """Which decode attention kernel the level runs (layers/csrc/split_kv_attention.cpp vs the generic one)."""
+    if isa is None:
+        return "-"
+    if isa == "portable":
+        return "generic paged kernel (one task per sequence and KV head)"
+    return "split-KV paged kernel for fp32/int8/int4 caches (chunks of a sequence's keys across threads); KIVI: its own"
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -66,6 +78,7 @@ def format_report(r: dict[str, Any]) -> str:
         ),
         ("kernels", kernels),
         ("packed linears", _plan_line(r["linear_plan"])),
+        ("decode attention", _attention_line(r["isa"])),
         (
             "threads",
             f"{r['threads_default']} by default (physical cores); torch now uses {r['torch_threads']}",

@@ -1,11 +1,10 @@
 // Unpacking of bit-packed KV rows (int4 blocks, KIVI codes) into floats, shared by the attention kernels
-// (paged_attention.cpp, split_kv_attention.cpp). The including file fixes the ISA macros (TM_AVX2, TM_AVX512).
+// (paged_attention.cpp, split_kv_attention.cpp).
 #pragma once
 #include <torch/extension.h>
 #include <cstdint>
-#if defined(TM_AVX2) || defined(TM_AVX512)
-#include <immintrin.h>
-#endif
+
+#include "isa.h"
 
 // One packed row of `bits`-bit codes (byte j holds element j + i * span at bit i * bits, span = D * bits / 8;
 // int4's nibble layout is bits = 4) into D floats: the codes, or with `sm` (fp16 scale, min per group of `grp`

@@ -23,23 +23,9 @@
 #include <vector>
 
 #include "kivi_checks.h"
+#include "isa.h"
+#include "packed_rows.h"
 #include "split_kv_attention.h"
-
-// The build's -m flags fix the instruction-set level (cpu_kernels.py), as in quant_linear.cpp.
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#ifndef TM_AVX2
-#define TM_AVX2 1
-#endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
-    defined(__AVX512VNNI__) && defined(__AVX512BF16__)
-#ifndef TM_AVX512
-#define TM_AVX512 1
-#endif
-#endif
-#endif
-
-#include "packed_rows.h"  // after the ISA macros: it compiles the paths they enable
 
 // A residual row as floats: fp32 rows as they are, fp16 rows widened into buf (F16C where the build has it),
 // once per key or value, for every query row of the task.

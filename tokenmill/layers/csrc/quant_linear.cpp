@@ -20,16 +20,7 @@
 #include <limits>
 #include <string>
 #include <vector>
-// The instruction-set level is fixed at compile time by the build's -m flags (cpu_kernels.py builds one
-// module per level); each level's paths are guarded by the compiler's macros so every level compiles.
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define TM_AVX2 1
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
-    defined(__AVX512VNNI__) && defined(__AVX512BF16__)
-#define TM_AVX512 1
-#endif
-#endif
+#include "isa.h"
 
 namespace {
 
@@ -154,13 +145,14 @@ inline void load_halfs(const uint16_t* h, int64_t n, float* out) {
   for (; b < n; ++b) out[b] = half_to_float(h[b]);
 }
 
-template <bool Q4, int R>
-inline void dot_rows_i16(const Int16Activations& a, int64_t r0, int64_t K, const uint8_t* codes,
-                         const uint16_t* scales, const uint16_t* mins, float* y, int64_t ldy) {
-  const int64_t nb = K / kBlock;
-  alignas(32) float ws[kMaxBlocks], wm[kMaxBlocks], cs[R][kMaxBlocks];
+// For R activation rows against one weight row: each block's combined scale (weight scale x activation
+// scale) and, for 4-bit weights, each row's offset term (sum over blocks of offset x exact block sum).
+template <bool Q4, int R, typename Q>
+inline void row_block_scales(const QuantizedActivations<Q>& a, int64_t r0, int64_t nb, const uint16_t* scales,
+                             const uint16_t* mins, float (&cs)[R][kMaxBlocks], float (&offset)[R]) {
+  alignas(32) float ws[kMaxBlocks], wm[kMaxBlocks];
   load_halfs(scales, nb, ws);
-  float offset[R] = {};
+  for (int r = 0; r < R; ++r) offset[r] = 0.f;
   if constexpr (Q4) {
     load_halfs(mins, nb, wm);
     for (int r = 0; r < R; ++r) {
@@ -172,6 +164,15 @@ inline void dot_rows_i16(const Int16Activations& a, int64_t r0, int64_t K, const
     const float* xs = a.scale.data() + (r0 + r) * nb;
     for (int64_t b = 0; b < nb; ++b) cs[r][b] = ws[b] * xs[b];
   }
+}
+
+template <bool Q4, int R>
+inline void dot_rows_i16(const Int16Activations& a, int64_t r0, int64_t K, const uint8_t* codes,
+                         const uint16_t* scales, const uint16_t* mins, float* y, int64_t ldy) {
+  const int64_t nb = K / kBlock;
+  alignas(32) float cs[R][kMaxBlocks];
+  float offset[R];
+  row_block_scales<Q4, R>(a, r0, nb, scales, mins, cs, offset);
   __m256 acc[R];  // one chain per row (fixed indices keep them in registers; a runtime b & 1 did not)
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const __m128i mask = _mm_set1_epi8(0x0F);
@@ -219,13 +220,14 @@ inline void prefetch_rows_ahead(const uint8_t* codes, int64_t row_bytes, int64_t
     _mm_prefetch(reinterpret_cast<const char*>(codes + (kPrefetchGroups * W + w) * row_bytes + offset), _MM_HINT_T1);
 }
 
-template <bool Q4, int W>
-inline void dot_wide_i16(const Int16Activations& a, int64_t K, const uint8_t* codes, int64_t row_bytes,
-                         const uint16_t* scales, const uint16_t* mins, float* y) {
-  const int64_t nb = K / kBlock;
-  alignas(32) float cs[W][kMaxBlocks], tmp[kMaxBlocks];
-  float off[W] = {};
+// For one activation row against W consecutive weight rows: each block's combined scale per weight row and,
+// for 4-bit weights, each weight row's offset term.
+template <bool Q4, int W, typename Q>
+inline void wide_block_scales(const QuantizedActivations<Q>& a, int64_t nb, const uint16_t* scales,
+                              const uint16_t* mins, float (&cs)[W][kMaxBlocks], float (&off)[W]) {
+  alignas(32) float tmp[kMaxBlocks];
   for (int w = 0; w < W; ++w) {
+    off[w] = 0.f;
     load_halfs(scales + w * nb, nb, cs[w]);
     for (int64_t b = 0; b < nb; ++b) cs[w][b] *= a.scale[b];
     if constexpr (Q4) {
@@ -233,6 +235,15 @@ inline void dot_wide_i16(const Int16Activations& a, int64_t K, const uint8_t* co
       for (int64_t b = 0; b < nb; ++b) off[w] += tmp[b] * a.sum[b];
     }
   }
+}
+
+template <bool Q4, int W>
+inline void dot_wide_i16(const Int16Activations& a, int64_t K, const uint8_t* codes, int64_t row_bytes,
+                         const uint16_t* scales, const uint16_t* mins, float* y) {
+  const int64_t nb = K / kBlock;
+  alignas(32) float cs[W][kMaxBlocks];
+  float off[W];
+  wide_block_scales<Q4, W>(a, nb, scales, mins, cs, off);
   __m256 acc[W];  // one chain per weight row: W chains cover the FMA latency
   for (int w = 0; w < W; ++w) acc[w] = _mm256_setzero_ps();
   constexpr int64_t block_bytes = Q4 ? kBlock / 2 : kBlock;
@@ -284,16 +295,9 @@ template <bool Q4, int W>
 inline void dot_wide_i8(const Int8Activations& a, int64_t K, const uint8_t* codes, int64_t row_bytes,
                         const uint16_t* scales, const uint16_t* mins, float* y) {
   const int64_t nb = K / kBlock;
-  alignas(32) float cs[W][kMaxBlocks], tmp[kMaxBlocks];
-  float off[W] = {};
-  for (int w = 0; w < W; ++w) {
-    load_halfs(scales + w * nb, nb, cs[w]);
-    for (int64_t b = 0; b < nb; ++b) cs[w][b] *= a.scale[b];
-    if constexpr (Q4) {
-      load_halfs(mins + w * nb, nb, tmp);
-      for (int64_t b = 0; b < nb; ++b) off[w] += tmp[b] * a.sum[b];
-    }
-  }
+  alignas(32) float cs[W][kMaxBlocks];
+  float off[W];
+  wide_block_scales<Q4, W>(a, nb, scales, mins, cs, off);
   __m256 acc[W];  // one chain per weight row: W chains cover the FMA latency
   for (int w = 0; w < W; ++w) acc[w] = _mm256_setzero_ps();
   constexpr int64_t block_bytes = Q4 ? kBlock / 2 : kBlock;
@@ -314,20 +318,9 @@ template <bool Q4, int R>
 inline void dot_rows_i8(const Int8Activations& a, int64_t r0, int64_t K, const uint8_t* codes,
                         const uint16_t* scales, const uint16_t* mins, float* y, int64_t ldy) {
   const int64_t nb = K / kBlock;
-  alignas(32) float ws[kMaxBlocks], wm[kMaxBlocks], cs[R][kMaxBlocks];
-  load_halfs(scales, nb, ws);
-  float offset[R] = {};
-  if constexpr (Q4) {
-    load_halfs(mins, nb, wm);
-    for (int r = 0; r < R; ++r) {
-      const float* xsum = a.sum.data() + (r0 + r) * nb;
-      for (int64_t b = 0; b < nb; ++b) offset[r] += wm[b] * xsum[b];
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    const float* xs = a.scale.data() + (r0 + r) * nb;
-    for (int64_t b = 0; b < nb; ++b) cs[r][b] = ws[b] * xs[b];
-  }
+  alignas(32) float cs[R][kMaxBlocks];
+  float offset[R];
+  row_block_scales<Q4, R>(a, r0, nb, scales, mins, cs, offset);
   __m256 acc[R];  // one chain per row (fixed indices keep them in registers; a runtime b & 1 did not)
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
