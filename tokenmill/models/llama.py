@@ -61,9 +61,8 @@ class LlamaModel:
         )
         self.ops = ops or TorchOps()
         self.kernels = self.ops.module  # compiled kernels for quantized linears and attention, or None
-        self.quant_plan = quant_plan or default_plan(
-            self.kernels
-        )  # how packed linears run (layers/linear.py)
+        # how packed linears run (layers/linear.py): the level's measured plan unless the loader chose one
+        self.quant_plan = quant_plan or default_plan(self.kernels)
         self.heads = HeadLayout(config.num_heads, config.num_kv_heads, config.head_dim)
         self.attention = PagedAttention(
             config.num_heads,
