@@ -43,24 +43,24 @@ def int8_reference(x: torch.Tensor, w) -> torch.Tensor:
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, GEMM_MIN_ROWS - 1])
 def test_kernel_equals_int8_rounding(fmt, rows):
-    w = quantize(
-        torch.randn(203, 96, generator=torch.Generator().manual_seed(rows)) * 0.05, fmt
-    )  # 203: a tail
-    x = torch.randn(rows, 96) * torch.linspace(0.1, 4, 96)  # blocks of different ranges
+    g = torch.Generator().manual_seed(rows)
+    w = quantize(torch.randn(203, 96, generator=g) * 0.05, fmt)  # 203 outputs: a tail after groups of 4
+    x = torch.randn(rows, 96, generator=g) * torch.linspace(0.1, 4, 96)  # blocks of different ranges
     out = QuantLinear(w, None, KERNELS, INT8)(x)
     ref = int8_reference(x, w)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     exact = QuantLinear(w, None, KERNELS, QuantKernelPlan())(x)
     assert not torch.allclose(out, exact, rtol=1e-6, atol=0), "int8 rounding must change the result"
     rel = (out - exact).norm() / exact.norm()
-    assert rel < 0.02, f"int8 activations off by {rel:.4f} of the exact result"
+    assert rel < 0.03, f"int8 activations off by {rel:.4f} of the exact result"  # ~1/127 a block, summed
 
 
 @vector_kernels
 def test_prefill_rows_keep_the_exact_gemm():
     """From the GEMM threshold on, weights are decoded for torch's GEMM: the option leaves prompts exact."""
-    w = quantize(torch.randn(64, 96) * 0.05, "q4")
-    x = torch.randn(GEMM_MIN_ROWS, 96)
+    g = torch.Generator().manual_seed(0)
+    w = quantize(torch.randn(64, 96, generator=g) * 0.05, "q4")
+    x = torch.randn(GEMM_MIN_ROWS, 96, generator=g)
     torch.testing.assert_close(
         QuantLinear(w, None, KERNELS, INT8)(x), QuantLinear(w, None, KERNELS, QuantKernelPlan())(x)
     )
@@ -85,12 +85,14 @@ def test_config_rejects_int8_where_it_changes_nothing():
 
 
 @vector_kernels
-def test_dense_weights_refuse_int8(tmp_path):
+@pytest.mark.parametrize("weights", ["dense", "auto"])
+def test_dense_weights_refuse_int8(tmp_path, weights):
+    """Dense weights, asked for or an fp32 GGUF's own: int8 activations would change nothing."""
     path = write_gguf(
         tmp_path / "m.gguf", SMALL_CONFIG, random_llama_weights(SMALL_CONFIG), small_tokenizer_fields()
     )
     with pytest.raises(ValueError, match="packed"):
-        LLM(str(path), weights="dense", activations="int8", kv_cache_memory="16MiB")
+        LLM(str(path), weights=weights, activations="int8", kv_cache_memory="16MiB")
 
 
 @vector_kernels

@@ -136,6 +136,15 @@ class LlamaModel:
         if raw:
             raise ValueError(f"unexpected tensors in model weights: {sorted(raw)[:5]}")
 
+    @property
+    def has_packed_linears(self) -> bool:
+        """Whether any linear runs packed weights (what EngineConfig.activations acts on)."""
+        linears = [self.lm_head] + [
+            lin for layer in self.layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
+        ]
+        parts = [p for lin in linears for p in (lin.parts if isinstance(lin, ConcatLinear) else [lin])]
+        return any(isinstance(p, QuantLinear) for p in parts)
+
     def _linear(self, parts: list, bias: torch.Tensor | None = None) -> Linear:
         """One linear over the row-wise concatenation of `parts` (fused QKV / gate-up): a single weight when
         the parts share a format, side-by-side linears when they do not (mixed-type GGUFs)."""

@@ -70,11 +70,6 @@ def load_model(
     ops = make_ops(kernels, device, dtype, lambda: load_cpu_kernels(cpu_isa))
     mode = resolve_weight_mode(weights, source, ops, dtype)
     plan = default_plan(ops.module, activations)
-    if activations != "exact" and mode == WeightFormat.DENSE:
-        raise ValueError(
-            f"activations={activations!r} applies to packed (q4/q8) weights; this model's weights run dense "
-            "(use a GGUF with --weights auto, or --weights q4/q8)"
-        )
     if source.kind == "gguf" and mode != WeightFormat.DENSE:  # packed weights: through the on-disk cache
         converted = load_converted_gguf(source.path, cache_root)
         config, tokenizer = converted.config, converted.tokenizer
@@ -99,4 +94,9 @@ def load_model(
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {context}")
     model = cls(config, device, dtype, max_positions=max_model_len, ops=ops, quant_plan=plan)
     model.load_weights(tensors, mode)
+    if activations != "exact" and not model.has_packed_linears:
+        raise ValueError(
+            f"activations={activations!r} applies to packed (q4/q8) weights; this model's weights run dense "
+            "(use a GGUF with quantized weights and --weights auto, or --weights q4/q8)"
+        )
     return LoadedModel(model, config, tokenizer, max_model_len)
