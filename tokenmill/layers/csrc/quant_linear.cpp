@@ -132,10 +132,6 @@ QuantizedActivations<Q> quantize_activations(const float* x, int64_t M, int64_t 
   return a;
 }
 
-// y[r, n] for R rows: per block, int16 weights x int16 activations summed exactly in int32 (madd), then
-// scaled in fp32. 4-bit codes are 0..15, so products and the 4 pair sums per lane stay far from overflow.
-// Block scales (weight scale x activation scale) and the 4-bit offsets' contribution (offset x block sum)
-// are computed 8 blocks at a time up front, so the inner loop is decode, two madds and one FMA.
 constexpr int64_t kMaxBlocks = 1024;  // K <= 32768
 
 inline void load_halfs(const uint16_t* h, int64_t n, float* out) {
@@ -145,14 +141,66 @@ inline void load_halfs(const uint16_t* h, int64_t n, float* out) {
   for (; b < n; ++b) out[b] = half_to_float(h[b]);
 }
 
-// For R activation rows against one weight row: each block's combined scale (weight scale x activation
-// scale) and, for 4-bit weights, each row's offset term (sum over blocks of offset x exact block sum).
+// The integer dot products, for either activation type Q. A block of 32 weights or activations sits in the
+// registers its product takes: int16 lanes in two (lo: elements 0..15, hi: 16..31), or 32 bytes in one (lo).
+struct Block32 {
+  __m256i lo, hi;
+};
+
+// A weight block: 4-bit codes are 0..15 (byte j: element j low, j + 16 high), 8-bit codes signed.
+template <bool Q4, typename Q>
+inline Block32 weight_block(const uint8_t* codes, int64_t b) {
+  if constexpr (Q4) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * 16));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    if constexpr (std::is_same_v<Q, int8_t>)  // low nibbles in the low lane, high nibbles in the high lane
+      return {_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F)), _mm256_setzero_si256()};
+    else
+      return {_mm256_cvtepu8_epi16(_mm_and_si128(v, mask)),
+              _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask))};
+  } else {
+    const int8_t* q = reinterpret_cast<const int8_t*>(codes) + b * kBlock;
+    if constexpr (std::is_same_v<Q, int8_t>)
+      return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), _mm256_setzero_si256()};
+    else
+      return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))),
+              _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)))};
+  }
+}
+
+template <typename Q>
+inline Block32 activation_block(const Q* x) {
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  if constexpr (std::is_same_v<Q, int8_t>) return {lo, _mm256_setzero_si256()};
+  else return {lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))};
+}
+
+// The block's sum of w_j x_j in 8 int32 lanes, exact either way. int16: madd sums pair products into int32
+// (4-bit codes are 0..15, far from overflow). int8: maddubs multiplies unsigned by signed bytes and adds pairs
+// into int16 (4-bit: |pair| <= 2 * 15 * 127; 8-bit codes go in as |w| with w's sign moved onto x: |pair| <=
+// 2 * 128 * 127 < 2^15, no saturation), madd with ones widens them: 32 multiply-adds in two instructions,
+// where int16 needs two widenings and two madds.
+template <bool Q4, typename Q>
+inline __m256i block_dot(const Block32& w, const Block32& x) {
+  if constexpr (std::is_same_v<Q, int8_t>) {
+    const __m256i p = Q4 ? _mm256_maddubs_epi16(w.lo, x.lo)
+                         : _mm256_maddubs_epi16(_mm256_sign_epi8(w.lo, w.lo), _mm256_sign_epi8(x.lo, w.lo));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+  } else {
+    return _mm256_add_epi32(_mm256_madd_epi16(w.lo, x.lo), _mm256_madd_epi16(w.hi, x.hi));
+  }
+}
+
+// y[r, n] for R activation rows against one weight row: each weight block is unpacked once for the R rows,
+// its integer products scaled in fp32. Block scales (weight scale x activation scale) and the 4-bit offsets'
+// contribution (offset x exact block sum) are computed up front, so the inner loop is the product and one FMA.
 template <bool Q4, int R, typename Q>
-inline void row_block_scales(const QuantizedActivations<Q>& a, int64_t r0, int64_t nb, const uint16_t* scales,
-                             const uint16_t* mins, float (&cs)[R][kMaxBlocks], float (&offset)[R]) {
-  alignas(32) float ws[kMaxBlocks], wm[kMaxBlocks];
+inline void dot_rows_int(const QuantizedActivations<Q>& a, int64_t r0, int64_t K, const uint8_t* codes,
+                         const uint16_t* scales, const uint16_t* mins, float* y, int64_t ldy) {
+  const int64_t nb = K / kBlock;
+  alignas(32) float ws[kMaxBlocks], wm[kMaxBlocks], cs[R][kMaxBlocks];
+  float offset[R] = {};
   load_halfs(scales, nb, ws);
-  for (int r = 0; r < R; ++r) offset[r] = 0.f;
   if constexpr (Q4) {
     load_halfs(mins, nb, wm);
     for (int r = 0; r < R; ++r) {
@@ -164,52 +212,16 @@ inline void row_block_scales(const QuantizedActivations<Q>& a, int64_t r0, int64
     const float* xs = a.scale.data() + (r0 + r) * nb;
     for (int64_t b = 0; b < nb; ++b) cs[r][b] = ws[b] * xs[b];
   }
-}
-
-template <bool Q4, int R>
-inline void dot_rows_i16(const Int16Activations& a, int64_t r0, int64_t K, const uint8_t* codes,
-                         const uint16_t* scales, const uint16_t* mins, float* y, int64_t ldy) {
-  const int64_t nb = K / kBlock;
-  alignas(32) float cs[R][kMaxBlocks];
-  float offset[R];
-  row_block_scales<Q4, R>(a, r0, nb, scales, mins, cs, offset);
   __m256 acc[R];  // one chain per row (fixed indices keep them in registers; a runtime b & 1 did not)
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  const __m128i mask = _mm_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i w0, w1;
-    if constexpr (Q4) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * 16));
-      w0 = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
-      w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
-    } else {
-      const int8_t* qb = reinterpret_cast<const int8_t*>(codes) + b * 32;
-      w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb)));
-      w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + 16)));
-    }
+    const Block32 w = weight_block<Q4, Q>(codes, b);
     for (int r = 0; r < R; ++r) {
-      const int16_t* xq = a.q.data() + ((r0 + r) * nb + b) * kBlock;
-      const __m256i p = _mm256_add_epi32(
-          _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
-          _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16))));
+      const __m256i p = block_dot<Q4, Q>(w, activation_block(a.q.data() + ((r0 + r) * nb + b) * kBlock));
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&cs[r][b]), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) y[r * ldy] = hsum(acc[r]) + offset[r];
-}
-
-// One activation row (single-sequence decode) against two weight rows at a time: the activation block is
-// loaded once for both, and the two rows' FMA chains are independent.
-template <bool Q4>
-inline __m256i decode_i16(const uint8_t* codes, int64_t b, int half) {
-  if constexpr (Q4) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * 16));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    return _mm256_cvtepu8_epi16(half == 0 ? _mm_and_si128(v, mask) : _mm_and_si128(_mm_srli_epi16(v, 4), mask));
-  } else {
-    return _mm256_cvtepi8_epi16(
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const int8_t*>(codes) + b * 32 + 16 * half)));
-  }
 }
 
 // Prefetch (into L2) the cache line at `offset` of each of the W rows kPrefetchGroups groups ahead. Called
@@ -220,14 +232,15 @@ inline void prefetch_rows_ahead(const uint8_t* codes, int64_t row_bytes, int64_t
     _mm_prefetch(reinterpret_cast<const char*>(codes + (kPrefetchGroups * W + w) * row_bytes + offset), _MM_HINT_T1);
 }
 
-// For one activation row against W consecutive weight rows: each block's combined scale per weight row and,
-// for 4-bit weights, each weight row's offset term.
+// One activation row (single-sequence decode) against W weight rows at a time: the activation block is
+// loaded once for all of them, and their FMA chains are independent.
 template <bool Q4, int W, typename Q>
-inline void wide_block_scales(const QuantizedActivations<Q>& a, int64_t nb, const uint16_t* scales,
-                              const uint16_t* mins, float (&cs)[W][kMaxBlocks], float (&off)[W]) {
-  alignas(32) float tmp[kMaxBlocks];
+inline void dot_wide_int(const QuantizedActivations<Q>& a, int64_t K, const uint8_t* codes, int64_t row_bytes,
+                         const uint16_t* scales, const uint16_t* mins, float* y) {
+  const int64_t nb = K / kBlock;
+  alignas(32) float cs[W][kMaxBlocks], tmp[kMaxBlocks];
+  float off[W] = {};
   for (int w = 0; w < W; ++w) {
-    off[w] = 0.f;
     load_halfs(scales + w * nb, nb, cs[w]);
     for (int64_t b = 0; b < nb; ++b) cs[w][b] *= a.scale[b];
     if constexpr (Q4) {
@@ -235,103 +248,18 @@ inline void wide_block_scales(const QuantizedActivations<Q>& a, int64_t nb, cons
       for (int64_t b = 0; b < nb; ++b) off[w] += tmp[b] * a.sum[b];
     }
   }
-}
-
-template <bool Q4, int W>
-inline void dot_wide_i16(const Int16Activations& a, int64_t K, const uint8_t* codes, int64_t row_bytes,
-                         const uint16_t* scales, const uint16_t* mins, float* y) {
-  const int64_t nb = K / kBlock;
-  alignas(32) float cs[W][kMaxBlocks];
-  float off[W];
-  wide_block_scales<Q4, W>(a, nb, scales, mins, cs, off);
   __m256 acc[W];  // one chain per weight row: W chains cover the FMA latency
   for (int w = 0; w < W; ++w) acc[w] = _mm256_setzero_ps();
   constexpr int64_t block_bytes = Q4 ? kBlock / 2 : kBlock;
   for (int64_t b = 0; b < nb; ++b) {
     if ((b * block_bytes) % 64 == 0) prefetch_rows_ahead<W>(codes, row_bytes, b * block_bytes);
-    const int16_t* xq = a.q.data() + b * kBlock;
-    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
-    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16));
+    const Block32 x = activation_block(a.q.data() + b * kBlock);
     for (int w = 0; w < W; ++w) {
-      const uint8_t* c = codes + w * row_bytes;
-      const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(decode_i16<Q4>(c, b, 0), x0),
-                                         _mm256_madd_epi16(decode_i16<Q4>(c, b, 1), x1));
+      const __m256i p = block_dot<Q4, Q>(weight_block<Q4, Q>(codes + w * row_bytes, b), x);
       acc[w] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&cs[w][b]), acc[w]);
     }
   }
   for (int w = 0; w < W; ++w) y[w] = hsum(acc[w]) + off[w];
-}
-
-// ---- int8 activations (EngineConfig.activations = "int8") ----
-// A weight block as 32 bytes in one register, in the activations' order: 4-bit codes unsigned (low nibbles,
-// elements 0..15, in the low lane; high nibbles, 16..31, in the high lane), 8-bit codes as stored.
-template <bool Q4>
-inline __m256i weight_bytes(const uint8_t* codes, int64_t b) {
-  if constexpr (Q4) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * 16));
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
-  } else {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + b * kBlock));
-  }
-}
-
-// The block's sum of w_j x_j in 8 int32 lanes, exact: maddubs multiplies unsigned by signed bytes and adds
-// pairs into int16 (4-bit: |pair| <= 2 * 15 * 127; 8-bit codes go in as |w| with w's sign moved onto x:
-// |pair| <= 2 * 128 * 127 < 2^15, no saturation), madd with ones widens the pairs to int32. 32 multiply-adds
-// in two instructions, where the int16 path needs two widenings and two madds.
-template <bool Q4>
-inline __m256i block_dot_i8(__m256i w, __m256i x) {
-  __m256i p;
-  if constexpr (Q4) {
-    p = _mm256_maddubs_epi16(w, x);
-  } else {
-    p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-  }
-  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-}
-
-// One activation row against W weight rows (as dot_wide_i16), int8 activations.
-template <bool Q4, int W>
-inline void dot_wide_i8(const Int8Activations& a, int64_t K, const uint8_t* codes, int64_t row_bytes,
-                        const uint16_t* scales, const uint16_t* mins, float* y) {
-  const int64_t nb = K / kBlock;
-  alignas(32) float cs[W][kMaxBlocks];
-  float off[W];
-  wide_block_scales<Q4, W>(a, nb, scales, mins, cs, off);
-  __m256 acc[W];  // one chain per weight row: W chains cover the FMA latency
-  for (int w = 0; w < W; ++w) acc[w] = _mm256_setzero_ps();
-  constexpr int64_t block_bytes = Q4 ? kBlock / 2 : kBlock;
-  for (int64_t b = 0; b < nb; ++b) {
-    if ((b * block_bytes) % 64 == 0) prefetch_rows_ahead<W>(codes, row_bytes, b * block_bytes);
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + b * kBlock));
-    for (int w = 0; w < W; ++w) {
-      const __m256i p = block_dot_i8<Q4>(weight_bytes<Q4>(codes + w * row_bytes, b), x);
-      acc[w] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&cs[w][b]), acc[w]);
-    }
-  }
-  for (int w = 0; w < W; ++w) y[w] = hsum(acc[w]) + off[w];
-}
-
-// R activation rows against one weight row (as dot_rows_i16), int8 activations: each weight block is
-// unpacked once for the R rows.
-template <bool Q4, int R>
-inline void dot_rows_i8(const Int8Activations& a, int64_t r0, int64_t K, const uint8_t* codes,
-                        const uint16_t* scales, const uint16_t* mins, float* y, int64_t ldy) {
-  const int64_t nb = K / kBlock;
-  alignas(32) float cs[R][kMaxBlocks];
-  float offset[R];
-  row_block_scales<Q4, R>(a, r0, nb, scales, mins, cs, offset);
-  __m256 acc[R];  // one chain per row (fixed indices keep them in registers; a runtime b & 1 did not)
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const __m256i w = weight_bytes<Q4>(codes, b);
-    for (int r = 0; r < R; ++r) {
-      const int8_t* xq = a.q.data() + ((r0 + r) * nb + b) * kBlock;
-      const __m256i p = block_dot_i8<Q4>(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&cs[r][b]), acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(acc[r]) + offset[r];
 }
 
 #ifdef TM_AVX512
@@ -445,8 +373,8 @@ void gemv_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const
     if (M == 1) {
       for (; n + kWideRows <= n1; n += kWideRows) {
         if (int8_acts) {
-          dot_wide_i8<Q4, kWideRows>(a8, K, codes + n * row_bytes, row_bytes, scales + n * nb,
-                                     Q4 ? mins + n * nb : nullptr, y + n);
+          dot_wide_int<Q4, kWideRows>(a8, K, codes + n * row_bytes, row_bytes, scales + n * nb,
+                                      Q4 ? mins + n * nb : nullptr, y + n);
           continue;
         }
 #ifdef TM_AVX512
@@ -455,7 +383,7 @@ void gemv_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const
           continue;
         }
 #endif
-        dot_wide_i16<Q4, kWideRows>(a, K, codes + n * row_bytes, row_bytes, scales + n * nb,
+        dot_wide_int<Q4, kWideRows>(a, K, codes + n * row_bytes, row_bytes, scales + n * nb,
                                     Q4 ? mins + n * nb : nullptr, y + n);
       }
     }
@@ -501,9 +429,9 @@ void gemv_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const
 #ifdef TM_AVX2
 #define TM_DOT(RR)                                                \
   if (int8_acts)                                                  \
-    dot_rows_i8<Q4, RR>(a8, r, K, c, s, m, y + r * N + n, N);     \
+    dot_rows_int<Q4, RR>(a8, r, K, c, s, m, y + r * N + n, N);    \
   else                                                            \
-    dot_rows_i16<Q4, RR>(a, r, K, c, s, m, y + r * N + n, N)
+    dot_rows_int<Q4, RR>(a, r, K, c, s, m, y + r * N + n, N)
 #else
 #define TM_DOT(RR) dot_rows<Q4, RR>(x + r * K, K, K, c, s, m, y + r * N + n, N)
 #endif
