@@ -156,11 +156,15 @@ inline float exp_sum(float* p, int64_t n, float m) {
   return _mm_cvtss_f32(h) + tail;
 }
 
-// One work item's partial result for each of its R query rows: running max, softmax sum, weighted values.
+// One work item's partial result for each of its R query rows: running max, softmax sum, weighted values; and,
+// for eviction policies (the chunk is then the whole row), where rows from `weights_from` on add the softmax
+// weight each key receives.
 struct Partial {
   float* m;    // [R]
   float* s;    // [R]
   float* acc;  // [R, D]
+  float* weights = nullptr;  // [keys], indexed by the key's position in the row
+  int64_t weights_from = 0;
 };
 
 // Prefetch the keys (or values) of the tile starting at key i0 (< n) into L2. Needed because a head's tokens
@@ -242,6 +246,12 @@ void attend_chunk(const float* qf, int64_t R, int64_t QG, int64_t first, const S
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     const float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
     part.m[r] = m, part.s[r] = exp_sum(sr, vis[r], m);
+    if (part.weights != nullptr && r >= part.weights_from) {
+      const float inv = 1.f / part.s[r];
+      float* dst = part.weights + t0;
+#pragma omp simd
+      for (int64_t i = 0; i < vis[r]; ++i) dst[i] += sr[i] * inv;
+    }
   }
   values.prefetch(0, most, D);
   for (int64_t i0 = 0; i0 < most; i0 += kTileKeys) {  // pass 2: values
@@ -300,7 +310,9 @@ bool split_kv(const float* q, const C* kc, const C* vc, const void* k_scale, con
         for (int64_t o = 0; o < cnt; ++o) off[t - t0 + o] = base + o * D;
         t += cnt;
       }
-      const Partial part{m.data(), s.data(), acc.data()};
+      Partial part{m.data(), s.data(), acc.data()};
+      if (score_out != nullptr && score_from[b] >= 0)  // S == 1: the chunk is the whole row
+        part.weights = score_out + (b * Hkv + h) * score_len, part.weights_from = score_from[b] * QG;
       if constexpr (std::is_same_v<C, uint8_t>) {
         kbuf.resize(kTileKeys * D), vbuf.resize(kTileKeys * D), tile_off.resize(keys);
         for (int64_t i = 0; i < keys; ++i) tile_off[i] = (i % kTileKeys) * D;
@@ -317,16 +329,6 @@ bool split_kv(const float* q, const C* kc, const C* vc, const void* k_scale, con
         }
         attend_chunk(qf.data(), R, QG, first, DirectRows<C>{KeyRows<C>{kc, off.data(), ksc.data()}},
                      DirectRows<C>{KeyRows<C>{vc, off.data(), vsc.data()}}, t0, t1, D, scores, part);
-      }
-      if (score_out != nullptr && score_from[b] >= 0) {  // S == 1: the chunk is the whole row
-        const int64_t padded = (L + kKeyGroup - 1) / kKeyGroup * kKeyGroup;
-        float* dst = score_out + (b * Hkv + h) * score_len;
-        for (int64_t r = score_from[b] * QG; r < R; ++r) {
-          const float inv = 1.f / s[r], *sr = scores.data() + r * padded;
-          const int64_t vis = first + r / QG + 1;
-#pragma omp simd
-          for (int64_t t = 0; t < vis; ++t) dst[t] += sr[t] * inv;
-        }
       }
       for (int64_t r = 0; r < R; ++r) {
         const int64_t p = (si * T + q0 + r / QG) * H + h * QG + r % QG;
