@@ -36,6 +36,15 @@ SHAPES = [  # name, N (out), K (in), format
     ("gate_up", 3072, 576, "q4"),
     ("down", 576, 1536, "q4"),
 ]
+# Qwen2.5-Coder 1.5B (hidden 1536, intermediate 8960, 12 heads x 128, 2 KV heads) as tokenmill packs its
+# Q4_K_M GGUF: Q4_K -> q4, Q6_K (ffn_down, the LM head) -> q8.
+QWEN_SHAPES = [
+    ("qkv", 2048, 1536, "q4"),
+    ("o", 1536, 1536, "q4"),
+    ("gate_up", 17920, 1536, "q4"),
+    ("down", 1536, 8960, "q8"),
+]
+SHAPE_SETS = {"smollm": SHAPES, "qwen1.5b": QWEN_SHAPES}
 
 
 @dataclass
@@ -81,10 +90,12 @@ def time_rounds(
     return {label: stat(t) for label, t in times.items()}
 
 
-def run(modules: dict, rows: list[int], repeats: int, cold_bytes: int, stat=statistics.median) -> list[dict]:
+def run(
+    modules: dict, rows: list[int], repeats: int, cold_bytes: int, stat=statistics.median, shapes=SHAPES
+) -> list[dict]:
     results = []
     g = torch.Generator().manual_seed(0)
-    for name, n, k, fmt in SHAPES:
+    for name, n, k, fmt in shapes:
         w = quantize(torch.randn(n, k, generator=g) * 0.05, fmt)
         copies = max(1, -(-cold_bytes // w.nbytes()))
         cold = [w] + [quantize(torch.randn(n, k, generator=g) * 0.05, fmt) for _ in range(copies - 1)]
@@ -134,6 +145,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     ap.add_argument("--repeats", type=int, default=41, help="timed rounds per case (default: 41)")
     ap.add_argument("--min", action="store_true", help="report the fastest round, not the median")
+    ap.add_argument(
+        "--shapes", choices=sorted(SHAPE_SETS), default="smollm", help="weight shapes (default: smollm)"
+    )
     ap.add_argument("--cold-mib", type=int, default=96, help="bytes of weight copies for cold (default: 96)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -147,6 +161,7 @@ def main() -> None:
         args.repeats,
         args.cold_mib << 20,
         min if args.min else statistics.median,
+        SHAPE_SETS[args.shapes],
     )
 
 

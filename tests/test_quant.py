@@ -125,7 +125,7 @@ def test_convert_between_formats():
 # ---- kernels vs a plain matmul ---------------------------------------------------------------------------
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 23, GEMM_MIN_ROWS - 1, GEMM_MIN_ROWS, 70])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 7, 8, 23, GEMM_MIN_ROWS - 1, GEMM_MIN_ROWS, 70])
 @pytest.mark.parametrize("plan", [QuantKernelPlan(), QuantKernelPlan(gemm_min_rows=24, fp32_rows=True)])
 def test_kernel_matches_matmul(fmt, rows, plan):
     w = random_packed(fmt, 200, 96, seed=rows)
