@@ -159,8 +159,9 @@ def test_kernel_rejects_bad_inputs():
 def test_kernel_plan_per_cpu():
     assert plan_for("avx512", "GenuineIntel") == QuantKernelPlan(gemm_min_rows=24, fp32_rows=True)
     assert plan_for("avx512", "AuthenticAMD") == QuantKernelPlan(fp32_rows=True)
-    for isa, vendor in [("avx2", "GenuineIntel"), ("avx2", "AuthenticAMD"), ("portable", "unknown")]:
-        assert plan_for(isa, vendor) == QuantKernelPlan()
+    for vendor in ("GenuineIntel", "AuthenticAMD"):
+        assert plan_for("avx2", vendor) == QuantKernelPlan(gemm_min_rows=48)
+    assert plan_for("portable", "unknown") == QuantKernelPlan()
 
 
 def test_torch_fallback_without_kernels():

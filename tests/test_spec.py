@@ -172,6 +172,15 @@ def test_sampling_with_speculation_runs_every_parameter(tiny_model_dir):
         ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
         ({"prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_min"),
         ({"k": 3}, "unknown keys"),
+        (
+            {"method": "draft_model", "model": "a", "draft_weights": "q3"},
+            "draft_weights: weights must be one of",
+        ),
+        (
+            {"method": "draft_model", "model": "a", "draft_activations": "int4"},
+            "draft_activations must be one of",
+        ),
+        ({"method": "ngram", "draft_activations": "int8"}, "apply to method draft_model"),
         ("{not json", "not valid JSON"),
     ],
 )

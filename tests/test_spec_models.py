@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import TINY_CONFIG, write_tiny_model
 from tokenmill import LLM, SamplingParams
+from tokenmill.layers.cpu_kernels import load_cpu_kernels
 from tokenmill.spec.adaptive import AdaptiveLength, expected_tokens, speedup
 from tokenmill.spec.draft import check_same_vocabulary
 
@@ -21,6 +22,11 @@ PROMPTS = [
     {"prompt_token_ids": [7, 8, 9] * 3},
 ]
 GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+KERNELS = load_cpu_kernels()
+vector_kernels = pytest.mark.skipif(
+    KERNELS is None or KERNELS.cpu_isa() == "portable",
+    reason="int8 activations need the AVX2/AVX-512 kernels",
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +64,25 @@ def test_draft_model_is_lossless_and_frees_its_cache(tiny_model_dir, draft_dir, 
     stats = llm.engine.spec_stats
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens  # it accepted and rejected drafts
     assert_no_leaks(llm)
+
+
+@vector_kernels
+def test_a_cheaper_draft_stays_lossless(tiny_model_dir, draft_dir, plain):
+    """The draft packed to q4 with int8 activations (cheaper, and proposing differently) while the target runs
+    dense and exact: the output is still the target's, token for token."""
+    spec = {"method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": 3}
+    cheap = {**spec, "draft_weights": "q4", "draft_activations": "int8"}
+    llm = LLM(str(tiny_model_dir), kv_cache_memory="16MiB", speculative_config=cheap)
+    draft = llm.engine.proposer.runner.model
+    assert draft.has_packed_linears and draft.layers[0].gate_up.plan.int8_activations
+    assert not llm.engine.runner.model.has_packed_linears  # the target's own settings are untouched
+    assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == tokens(plain)
+    assert llm.engine.spec_stats.num_accepted_tokens > 0
+    assert_no_leaks(llm)
+    with pytest.raises(ValueError, match="speculative_config draft model .* packed"):
+        LLM(str(tiny_model_dir), speculative_config={**spec, "draft_activations": "int8"})  # dense draft
+    with pytest.raises(ValueError, match="speculative_config.draft_activations='int8' .* needs device cpu"):
+        LLM(str(tiny_model_dir), kernels="torch", speculative_config=cheap)
 
 
 def test_draft_model_across_preemption_chunked_prefill_and_mixed_requests(tiny_model_dir, draft_dir):

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tokenmill.formats import WeightFormat
+from tokenmill.formats import ACTIVATIONS, WeightFormat
 from tokenmill.kv.policy import KVPolicy, parse_kv_policy
 from tokenmill.spec.config import SpeculativeConfig, parse_skip_layers
 
@@ -34,8 +34,6 @@ KV_CACHE_DTYPES = (
 )  # kv/cache.py implements them; listed here so config imports no layer
 KERNELS = ("auto", "torch", "cpp")  # which implementation of the model's ops runs
 CPU_ISAS = ("auto", "portable", "avx2", "avx512")  # which instruction set the C++ kernels are built for
-# How packed linears round activations for their integer dot products (layers/linear.py, QuantKernelPlan)
-ACTIVATIONS = ("exact", "int8")
 
 
 def default_cpu_isa() -> str:
@@ -174,13 +172,20 @@ class EngineConfig:
         self.weights = WeightFormat.parse(self.weights)
         if self.activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
-        if self.activations != "exact" and (
-            self.torch_device.type != "cpu" or self.kernels == "torch" or self.torch_dtype != torch.float32
+        draft = self.speculative_config.draft_activations if self.speculative_config else None
+        for name, value in (
+            ("activations", self.activations),
+            ("speculative_config.draft_activations", draft),
         ):
-            raise ValueError(
-                f"activations={self.activations!r} rounds the activations of the C++ CPU kernels' packed linears: "
-                "it needs device cpu, dtype float32 and kernels auto or cpp"
-            )
+            if value not in (None, "exact") and (
+                self.torch_device.type != "cpu"
+                or self.kernels == "torch"
+                or self.torch_dtype != torch.float32
+            ):
+                raise ValueError(
+                    f"{name}={value!r} rounds the activations of the C++ CPU kernels' packed linears: "
+                    "it needs device cpu, dtype float32 and kernels auto or cpp"
+                )
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.kernels == "cpp" and self.torch_device.type != "cpu":

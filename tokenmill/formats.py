@@ -42,3 +42,7 @@ class WeightFormat(StrEnum):
 
 
 PACKED_FORMATS = (WeightFormat.Q4, WeightFormat.Q8, WeightFormat.W8A8)
+
+# How packed linears round activations for their integer dot products (layers/linear.py, QuantKernelPlan):
+# "exact" keeps int16 per block of 32 (far below the weights' step), "int8" rounds as llama.cpp's Q8 blocks.
+ACTIVATIONS = ("exact", "int8")

@@ -149,8 +149,7 @@ class LLMEngine:
             from tokenmill.spec.draft import load_draft_proposer
 
             return load_draft_proposer(
-                c, spec.model, spec.num_speculative_tokens, self.model_config, self.tokenizer,
-                self.max_model_len, num_blocks,
+                c, spec, self.model_config, self.tokenizer, self.max_model_len, num_blocks,
             )  # fmt: skip
         from tokenmill.spec.layerskip import layerskip_proposer
 

@@ -5,6 +5,8 @@
 `{"method": "layerskip", "skip_layers": [3, 5]}` / `{"method": "layerskip", "skip_layers_file": PATH}`, or the
 same object as JSON on the command line (`--speculative-config`). `"num_speculative_tokens": "auto"` (or
 `"adaptive": true`) lets spec/adaptive.py pick k per step, up to `num_speculative_tokens` (8 for "auto").
+A draft model may run cheaper than the engine's settings (`"draft_weights": "q4"`, `"draft_activations":
+"int8"`): it only proposes, so its rounding can cost acceptance, never the output's exactness.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from tokenmill.formats import ACTIVATIONS, WeightFormat
 
 METHODS = ("ngram", "draft_model", "layerskip")
 ALIASES = {"draft": "draft_model"}  # the issue's short name
@@ -30,6 +34,12 @@ class SpeculativeConfig:
     draft_model: str | None = None  # the same, under the issue's name
     skip_layers: tuple[int, ...] | None = None  # layerskip: target layers the draft pass leaves out
     skip_layers_file: str | None = None  # layerskip: JSON written by `tokenmill eval layerskip`
+    draft_weights: str | None = (
+        None  # draft_model: its weight format (auto | dense | q4 | q8); None: the engine's
+    )
+    draft_activations: str | None = (
+        None  # draft_model: exact | int8 for its packed linears; None: the engine's
+    )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise aliases once, here
@@ -63,6 +73,17 @@ class SpeculativeConfig:
             )
         if method != "draft_model" and draft is not None:
             raise ValueError(f'"model" names a draft model, which method {method!r} does not use')
+        if self.draft_weights is not None:
+            try:
+                set_(self, "draft_weights", str(WeightFormat.parse(self.draft_weights)))
+            except ValueError as exc:
+                raise ValueError(f"draft_weights: {exc}") from None
+        if self.draft_activations is not None and self.draft_activations not in ACTIVATIONS:
+            raise ValueError(
+                f"draft_activations must be one of {', '.join(ACTIVATIONS)}, got {self.draft_activations!r}"
+            )
+        if method != "draft_model" and (self.draft_weights, self.draft_activations) != (None, None):
+            raise ValueError(f"draft_weights / draft_activations apply to method draft_model, not {method!r}")
         if method == "layerskip":
             set_(self, "skip_layers", self._layerskip_layers())
         elif self.skip_layers is not None or self.skip_layers_file is not None:

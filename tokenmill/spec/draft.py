@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from tokenmill.config import EngineConfig
     from tokenmill.models.model_config import ModelConfig
     from tokenmill.models.tokenizer import Tokenizer
+    from tokenmill.spec.config import SpeculativeConfig
 
 
 @dataclass(eq=False)
@@ -148,28 +149,33 @@ def draft_num_blocks(target_blocks: int, target_block_size: int, max_num_seqs: i
 
 def load_draft_proposer(
     config: EngineConfig,
-    path: str,
-    num_speculative_tokens: int,
+    spec: SpeculativeConfig,
     target_config: ModelConfig,
     target_tokenizer: Tokenizer,
     max_model_len: int,
     target_blocks: int,
 ) -> DraftProposer:
-    """Load the draft model with the engine's device, dtype, weights and kernels, and size its cache."""
+    """Load the draft model with the engine's device, dtype and kernels, its weights and activations as
+    `spec` asks (the engine's by default), and size its cache."""
     from tokenmill.models.registry import load_model
     from tokenmill.models.source import resolve_model
 
+    path, num_speculative_tokens = spec.model, spec.num_speculative_tokens
+    assert path is not None  # SpeculativeConfig requires it for draft_model
     source = resolve_model(path)
-    loaded = load_model(
-        source,
-        config.torch_device,
-        config.torch_dtype,
-        max_model_len,
-        config.weights,
-        kernels=config.kernels,
-        cpu_isa=config.cpu_isa,
-        activations=config.activations,
-    )
+    try:
+        loaded = load_model(
+            source,
+            config.torch_device,
+            config.torch_dtype,
+            max_model_len,
+            spec.draft_weights or config.weights,
+            kernels=config.kernels,
+            cpu_isa=config.cpu_isa,
+            activations=spec.draft_activations or config.activations,
+        )
+    except ValueError as exc:
+        raise ValueError(f"speculative_config draft model {path!r}: {exc}") from None
     check_same_vocabulary(
         target_tokenizer, target_config.vocab_size, loaded.tokenizer, loaded.config.vocab_size, path
     )
