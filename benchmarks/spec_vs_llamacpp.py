@@ -108,6 +108,27 @@ WORKLOADS: dict[str, dict[str, Any]] = {
                     "num_speculative_tokens": 4,
                 },
             },
+            # the draft alone made cheaper (q4 weights, int8 activations): the output stays the exact target's
+            {
+                "name": "draft k=4 cheap-draft",
+                "speculative_config": {
+                    "method": "draft_model",
+                    "model": str(QWEN_DRAFT),
+                    "num_speculative_tokens": 4,
+                    "draft_weights": "q4",
+                    "draft_activations": "int8",
+                },
+            },
+            {
+                "name": "draft auto cheap-draft",
+                "speculative_config": {
+                    "method": "draft_model",
+                    "model": str(QWEN_DRAFT),
+                    "num_speculative_tokens": "auto",
+                    "draft_weights": "q4",
+                    "draft_activations": "int8",
+                },
+            },
             {"name": "plain int8-act", "engine": {"activations": "int8"}},
             {
                 "name": "draft k=4 int8-act",
