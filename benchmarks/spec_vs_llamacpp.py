@@ -1,6 +1,9 @@
 """Speculative decoding at batch 1, tokenmill vs llama.cpp (llama-cpp-python) on the same GGUFs and prompts:
 prompt lookup on input-grounded prompts (the default model), a draft model on code completion (the
-Qwen2.5-Coder pair: 0.5B drafting for 1.5B).
+Qwen2.5-Coder pair: 0.5B drafting for 1.5B), and layer skipping on open chat (the 1.5B drafting for itself;
+tokenmill only speculates there, llama.cpp runs plain for reference). The chat workload needs the layers to
+skip, searched once: `tokenmill eval layerskip -m /tmp/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
+--output /tmp/models/qwen2.5-coder-1.5b-skip.json --num-tokens 128 --max-evals 40`.
 
     python benchmarks/spec_vs_llamacpp.py [--workloads grounded,code] [--repeats 3] [--json out.json]
     python benchmarks/spec_vs_llamacpp.py --workloads grounded --batch 16   # tokenmill alone, 16 at once
@@ -34,6 +37,12 @@ from tokenmill.models.source import resolve_model  # noqa: E402
 
 QWEN_TARGET = Path("/tmp/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
 QWEN_DRAFT = Path("/tmp/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+QWEN_SKIP = Path("/tmp/models/qwen2.5-coder-1.5b-skip.json")  # `tokenmill eval layerskip` on the 1.5B
+CHAT_ASKS = [
+    "What are the main differences between a process and a thread? Answer in a short paragraph.",
+    "Give me three tips for writing readable Python code, with one sentence of explanation each.",
+    "Explain what a hash table is to a new programmer.",
+]
 
 
 def grounded_prompts(tokenizer) -> list[list[int]]:
@@ -59,6 +68,11 @@ def grounded_prompts(tokenizer) -> list[list[int]]:
         "Summarise the following documentation in a few sentences, quoting its key rules.\n\n" + text,
     ]
     return [tokenizer.apply_chat_template([{"role": "user", "content": a}], tokenize=True) for a in asks]
+
+
+def chat_prompts(tokenizer) -> list[list[int]]:
+    """Open chat: short questions whose answers the prompt does not contain (no n-gram to copy)."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": a}], tokenize=True) for a in CHAT_ASKS]
 
 
 def code_prompts(tokenizer, count: int) -> list[list[int]]:
@@ -145,6 +159,28 @@ WORKLOADS: dict[str, dict[str, Any]] = {
             {"name": "draft k=4", "kind": "draft", "num_pred_tokens": 4},
         ],
     },
+    "chat": {
+        "tokenmill": [
+            {"name": "plain"},
+            {
+                "name": "layerskip k=3",
+                "speculative_config": {
+                    "method": "layerskip",
+                    "skip_layers_file": str(QWEN_SKIP),
+                    "num_speculative_tokens": 3,
+                },
+            },
+            {
+                "name": "layerskip auto",
+                "speculative_config": {
+                    "method": "layerskip",
+                    "skip_layers_file": str(QWEN_SKIP),
+                    "num_speculative_tokens": "auto",
+                },
+            },
+        ],
+        "llamacpp": [{"name": "plain", "kind": "plain"}],
+    },
 }
 
 
@@ -190,7 +226,7 @@ def main() -> None:
     p.add_argument("--engines", default="tokenmill,llamacpp")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=256, help="grounded prompts (default 256)")
-    p.add_argument("--code-max-tokens", type=int, default=64)
+    p.add_argument("--code-max-tokens", type=int, default=64, help="code and chat prompts (default 64)")
     p.add_argument("--code-prompts", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
@@ -225,6 +261,15 @@ def main() -> None:
                 raise SystemExit("the Qwen pair is missing: python benchmarks/fetch_qwen_pair.py")
             gguf, draft = QWEN_TARGET, QWEN_DRAFT
             prompts = code_prompts(ModelInfo(gguf).tokenizer, args.code_prompts)
+            max_tokens = args.code_max_tokens
+        elif workload == "chat":
+            if not (QWEN_TARGET.exists() and QWEN_SKIP.exists()):
+                raise SystemExit(
+                    f"the chat workload needs {QWEN_TARGET} (benchmarks/fetch_qwen_pair.py) and {QWEN_SKIP} "
+                    "(`tokenmill eval layerskip`, see this script's docstring)"
+                )
+            gguf, draft = QWEN_TARGET, None
+            prompts = chat_prompts(ModelInfo(gguf).tokenizer)
             max_tokens = args.code_max_tokens
         else:
             gguf, draft = resolve_model(None).path, None
