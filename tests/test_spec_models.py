@@ -197,6 +197,15 @@ def test_adaptive_rule_speculates_only_while_it_pays():
     # while off, one sequence still speculates every 8th step, so acceptance keeps being measured
     steps = [(bad.choose(1, fit), bad.probe()) for _ in range(16)]
     assert all(k == 0 for k, _ in steps) and [p for _, p in steps].count(4) == 2
+    # an expensive draft's probes back off while the rule stays off: 8, 16, 32, 64 steps apart, then 128
+    dear = AdaptiveLength(max_k=8, draft_cost=2.0, accepted=bad.accepted, rejected=bad.rejected)
+    probes = [i for i in range(1, 301) if dear.choose(1, fit) == 0 and dear.probe()]
+    assert probes == [8, 24, 56, 120, 248]
+    assert dear._probe_interval == 128
+    for _ in range(100):  # later the draft is right every time and cheaper (say, less loaded): it pays again
+        dear.observe(4, 4)
+    dear.draft_cost = 0.3
+    assert dear.choose(1, fit) > 0 and dear._probe_interval == 0  # speculating resets the back-off
     # an expensive draft needs more acceptance: the same record at a draft cost of 0.5 picks a shorter k
     costly = AdaptiveLength(max_k=8, draft_cost=0.5, accepted=good.accepted, rejected=good.rejected)
     assert 0 < costly.choose(1, fit) < good.choose(1, fit)

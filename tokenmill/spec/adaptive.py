@@ -12,7 +12,10 @@ At large batch T grows with the tokens, the (k + 1)-fold verify dominates, and s
 The acceptance rate is a decayed count (accepted drafts vs rejections, the maximum-likelihood estimate
 under the geometric model) pulled towards a prior. While speculation is off, one sequence still speculates
 every `probe_every` steps (`probe`), so a pessimistic prior or an old bad stretch cannot switch it off for
-good; at large batch that probe costs a few rows in one step of many.
+good; at large batch that probe costs a few rows in one step of many. A model-based draft's probe is not
+cheap (its cache catches up with every token since the last one, then k passes: measured on the 1.5B Qwen's
+layer skip, 2 plain steps a pass), so while the rule stays off such probes back off, doubling their interval
+up to `max_probe_every`; a step that speculates again restores it.
 """
 
 from __future__ import annotations
@@ -51,9 +54,12 @@ class AdaptiveLength:
     cost_smoothing: float = 0.2  # weight of a new draft-cost measurement
     probe_every: int = 8  # while off: one sequence speculates on every this-many-th step
     probe_k: int = 4
+    max_probe_every: int = 128  # expensive drafts' probes back off to at most this interval
+    expensive_draft: float = 0.25  # a draft pass costing this share of a plain step or more backs off
     accepted: float = 0.0
     rejected: float = 0.0
-    _off_steps: int = 0
+    _off_steps: int = 0  # steps since speculation went off, or since the last probe
+    _probe_interval: int = 0  # 0: probe_every
 
     @property
     def acceptance(self) -> float:
@@ -85,12 +91,16 @@ class AdaptiveLength:
             if gain > best:
                 best_k, best = k, gain
         self._off_steps = self._off_steps + 1 if best_k == 0 else 0
+        if best_k:
+            self._probe_interval = 0
         return best_k
 
     def probe(self) -> int:
         """After choose() returned 0: drafts for one sequence of this step, to keep measuring acceptance."""
-        return (
-            min(self.probe_k, self.max_k)
-            if self._off_steps and self._off_steps % self.probe_every == 0
-            else 0
-        )
+        interval = self._probe_interval or self.probe_every
+        if self._off_steps < interval:
+            return 0
+        self._off_steps = 0
+        if self.draft_cost >= self.expensive_draft:
+            self._probe_interval = min(2 * interval, self.max_probe_every)
+        return min(self.probe_k, self.max_k)
