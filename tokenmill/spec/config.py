@@ -34,12 +34,10 @@ class SpeculativeConfig:
     draft_model: str | None = None  # the same, under the issue's name
     skip_layers: tuple[int, ...] | None = None  # layerskip: target layers the draft pass leaves out
     skip_layers_file: str | None = None  # layerskip: JSON written by `tokenmill eval layerskip`
-    draft_weights: str | None = (
-        None  # draft_model: its weight format (auto | dense | q4 | q8); None: the engine's
-    )
-    draft_activations: str | None = (
-        None  # draft_model: exact | int8 for its packed linears; None: the engine's
-    )
+    # draft_model only: the draft's weight format (auto | dense | q4 | q8) and its packed linears' activations
+    # (exact | int8); None: the engine's own
+    draft_weights: str | None = None
+    draft_activations: str | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise aliases once, here
