@@ -81,6 +81,12 @@ def code_prompts(tokenizer, count: int) -> list[list[int]]:
     return [tokenizer.encode(p) for p in PROMPTS[:count]]
 
 
+def draft_mode(name: str, k: int | str, **draft_options: str) -> dict[str, Any]:
+    """A tokenmill mode drafting with the Qwen 0.5B for the 1.5B."""
+    spec = {"method": "draft_model", "model": str(QWEN_DRAFT), "num_speculative_tokens": k, **draft_options}
+    return {"name": name, "speculative_config": spec}
+
+
 WORKLOADS: dict[str, dict[str, Any]] = {
     "grounded": {
         "tokenmill": [
@@ -114,45 +120,12 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "code": {
         "tokenmill": [
             {"name": "plain"},
-            {
-                "name": "draft k=4",
-                "speculative_config": {
-                    "method": "draft_model",
-                    "model": str(QWEN_DRAFT),
-                    "num_speculative_tokens": 4,
-                },
-            },
+            draft_mode("draft k=4", 4),
             # the draft alone made cheaper (q4 weights, int8 activations): the output stays the exact target's
-            {
-                "name": "draft k=4 cheap-draft",
-                "speculative_config": {
-                    "method": "draft_model",
-                    "model": str(QWEN_DRAFT),
-                    "num_speculative_tokens": 4,
-                    "draft_weights": "q4",
-                    "draft_activations": "int8",
-                },
-            },
-            {
-                "name": "draft auto cheap-draft",
-                "speculative_config": {
-                    "method": "draft_model",
-                    "model": str(QWEN_DRAFT),
-                    "num_speculative_tokens": "auto",
-                    "draft_weights": "q4",
-                    "draft_activations": "int8",
-                },
-            },
+            draft_mode("draft k=4 cheap-draft", 4, draft_weights="q4", draft_activations="int8"),
+            draft_mode("draft auto cheap-draft", "auto", draft_weights="q4", draft_activations="int8"),
             {"name": "plain int8-act", "engine": {"activations": "int8"}},
-            {
-                "name": "draft k=4 int8-act",
-                "speculative_config": {
-                    "method": "draft_model",
-                    "model": str(QWEN_DRAFT),
-                    "num_speculative_tokens": 4,
-                },
-                "engine": {"activations": "int8"},
-            },
+            {**draft_mode("draft k=4 int8-act", 4), "engine": {"activations": "int8"}},
         ],
         "llamacpp": [
             {"name": "plain", "kind": "plain"},

@@ -81,16 +81,12 @@ def weight_bytes(model: LlamaModel) -> int:
     """Bytes of every linear weight as stored (a tied embedding/lm_head counted once)."""
     seen: set[int] = set()
     total = 0
-    linears = [model.embed, model.lm_head]
-    for layer in model.layers:
-        linears += [layer.qkv, layer.o_proj, layer.gate_up, layer.down]
-    for lin in linears:
-        for part in getattr(lin, "parts", [lin]):
-            if id(part) in seen:
-                continue
-            seen.add(id(part))
-            w = part.weight
-            total += w.nbytes() if isinstance(w, PackedWeight) else w.numel() * w.element_size()
+    for part in [model.embed, *model.linear_parts()]:
+        if id(part) in seen:
+            continue
+        seen.add(id(part))
+        w = part.weight
+        total += w.nbytes() if isinstance(w, PackedWeight) else w.numel() * w.element_size()
     return total
 
 

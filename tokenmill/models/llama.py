@@ -136,14 +136,17 @@ class LlamaModel:
         if raw:
             raise ValueError(f"unexpected tensors in model weights: {sorted(raw)[:5]}")
 
-    @property
-    def has_packed_linears(self) -> bool:
-        """Whether any linear runs packed weights (what EngineConfig.activations acts on)."""
+    def linear_parts(self) -> list:
+        """Every single-weight linear the LM head and the layers run (a fused linear's parts one by one)."""
         linears = [self.lm_head] + [
             lin for layer in self.layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
         ]
-        parts = [p for lin in linears for p in (lin.parts if isinstance(lin, ConcatLinear) else [lin])]
-        return any(isinstance(p, QuantLinear) for p in parts)
+        return [p for lin in linears for p in (lin.parts if isinstance(lin, ConcatLinear) else [lin])]
+
+    @property
+    def has_packed_linears(self) -> bool:
+        """Whether any linear runs packed weights (what EngineConfig.activations acts on)."""
+        return any(isinstance(p, QuantLinear) for p in self.linear_parts())
 
     def _linear(self, parts: list, bias: torch.Tensor | None = None) -> Linear:
         """One linear over the row-wise concatenation of `parts` (fused QKV / gate-up): a single weight when

@@ -34,8 +34,8 @@ class SpeculativeConfig:
     draft_model: str | None = None  # the same, under the issue's name
     skip_layers: tuple[int, ...] | None = None  # layerskip: target layers the draft pass leaves out
     skip_layers_file: str | None = None  # layerskip: JSON written by `tokenmill eval layerskip`
-    # draft_model only: the draft's weight format (auto | dense | q4 | q8) and its packed linears' activations
-    # (exact | int8); None: the engine's own
+    # draft_model only: the draft's weight format (as --weights) and its packed linears' activations (as
+    # --activations); None: the engine's own
     draft_weights: str | None = None
     draft_activations: str | None = None
 

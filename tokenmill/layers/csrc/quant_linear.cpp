@@ -5,12 +5,13 @@
 //   q8: codes int8  [N, K],   w = s * q
 //   q4: codes uint8 [N, K/2], w = s * q + m, q in 0..15; byte j of a block holds element j in its low
 //       nibble and element j + 16 in its high nibble (the Q4_0/Q4_1 layout of GGUF, so those repack as-is).
-// Weights are decoded to fp32 in registers and multiplied with fp32 activations, so the result equals a
-// plain matmul with the dequantized weights up to summation order: no activation quantization.
-// Few rows (decode): each weight block is decoded once and used for up to 8 activation rows at a time, so a
-// step reads the quantized bytes once. A single row (batch-1 decode) takes 4 weight rows at a time instead,
-// with software prefetch ahead of the interleaved rows (the hardware prefetcher does not follow them). Many rows (prefill): weights are decoded a tile at a time into a
-// cache-sized fp32 buffer and multiplied with torch's GEMM.
+// Few rows (decode): integer dot products per block of 32, the activations rounded to int16 per block (a
+// relative step of 3e-5) or, with int8_activations, to int8 (lossy); each weight block is unpacked once and
+// used for up to 8 activation rows at a time, so a step reads the quantized bytes once. A single row (batch-1
+// decode) takes 4 weight rows at a time instead, with software prefetch ahead of the interleaved rows (the
+// hardware prefetcher does not follow them). AVX-512 builds may run several rows in plain fp32 instead
+// (fp32_rows). Many rows (prefill): weights are decoded a tile at a time into a cache-sized fp32 buffer and
+// multiplied with torch's GEMM, exact up to summation order.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -25,7 +26,7 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
-constexpr int64_t kTileRows = 8;  // activation rows sharing one decode of a weight block (k + 1 <= 8 verification rows: one pass)
+constexpr int64_t kTileRows = 8;  // activation rows sharing one weight block unpack (k <= 7 drafts: one pass)
 constexpr int64_t kWideRows = 4;  // weight rows sharing one activation load (single-row decode)
 constexpr int64_t kPrefetchGroups = 4;  // single-row decode prefetches this many groups of kWideRows ahead
 
