@@ -92,6 +92,7 @@ class AddCommand:
     request_id: str
     stream: RequestStream
     future: asyncio.Future[None]
+    arrival_time: float  # time.time() when submitted: a step may run before the loop thread takes it
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,8 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig, max_waiting: int | None = None) -> AsyncLLMEngine:
-        return cls(LLMEngine(config), max_waiting=max_waiting)
+        """Load the engine on a short-lived thread, not the caller's: see `build_off_thread`."""
+        return cls(build_off_thread(config), max_waiting=max_waiting)
 
     @classmethod
     def from_engine_args(
@@ -348,7 +350,7 @@ class AsyncLLMEngine:
             request_id = f"req-{uuid.uuid4().hex}"
         stream = RequestStream(request_id, self, loop)
         future: asyncio.Future[None] = loop.create_future()
-        self._submit(AddCommand(prompt, params or SamplingParams(), request_id, stream, future))
+        self._submit(AddCommand(prompt, params or SamplingParams(), request_id, stream, future, time.time()))
         try:
             await future
         except asyncio.CancelledError:
@@ -485,7 +487,7 @@ class AsyncLLMEngine:
                 raise AdmissionError(
                     "request_id", DUPLICATE_REQUEST_ID, f"request id {request_id!r} is already in use"
                 )
-            self.engine.add_request(command.prompt, command.params, request_id)
+            self.engine.add_request(command.prompt, command.params, request_id, command.arrival_time)
         except Exception as exc:
             _resolve_threadsafe(stream.loop, future, exc)
             return
@@ -592,3 +594,32 @@ def _resolve_threadsafe(
         loop.call_soon_threadsafe(resolve)
     except RuntimeError:  # the loop is closed
         pass
+
+
+def build_off_thread(config: EngineConfig) -> LLMEngine:
+    """`LLMEngine(config)` on a thread that exits once the engine is built (its errors re-raised here), with
+    its step-time line calibrated when the config has a latency target.
+
+    Why: libgomp (torch's OpenMP) gives every thread that starts a parallel region its own worker pool,
+    kept until that thread exits. Loading runs parallel kernels; had it run on the server's main thread,
+    that pool would outlive the load beside the loop thread's own, and with more OpenMP threads than cores
+    libgomp stops spinning between regions: every one of a decode step's ~150 kernels then waits on a
+    futex wake-up (a 16-sequence decode step of the default model took 1.4-2x as long on 2 cores)."""
+    built: list[LLMEngine] = []
+    failed: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            engine = LLMEngine(config)
+            if config.slo_tpot is not None or config.slo_ttft is not None:
+                engine.calibrate_step_time()
+            built.append(engine)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread below
+            failed.append(exc)
+
+    thread = threading.Thread(target=build, name="tokenmill-load", daemon=True)  # Ctrl-C need not wait
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return built[0]

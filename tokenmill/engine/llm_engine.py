@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from tokenmill.config import EngineConfig, physical_cores
-from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.block_manager import BlockManager, PrefixCacheStats
 from tokenmill.engine.kv_compressor import KVCompressor
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.scheduler import ScheduledBatch, ScheduledSeq, Scheduler
@@ -107,7 +107,12 @@ class LLMEngine:
             num_blocks, config.block_size, config.enable_prefix_caching, extra_key=spec.format
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, self.max_num_seqs)
-        self.step_budget = StepBudget(config.max_num_batched_tokens, config.slo_tpot, config.slo_ttft)
+        self.step_budget = StepBudget(
+            config.max_num_batched_tokens,
+            config.slo_tpot,
+            config.slo_ttft,
+            split_tokens=loaded.model.batched_rows_threshold(),
+        )
         self.decode_times = StepTimeFit()  # steps without prompt tokens: what speculation's rows cost
         # The C++ attention kernel reads only written slots, so its cache may start uninitialized (no
         # multi-GiB memset at start-up); the torch path attends over whole blocks under a mask and needs zeros.
@@ -224,8 +229,9 @@ class LLMEngine:
         prompt: PromptInput,
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        arrival_time: float | None = None,
     ) -> Request:
-        """Queue a request. Raises AdmissionError (naming the parameter at fault) if it cannot run: an empty or
+        """Queue a request (arrival_time: when it reached the server, time.time(); default now). Raises AdmissionError (naming the parameter at fault) if it cannot run: an empty or
         invalid prompt, one that leaves no room in the context, max_tokens beyond the context or the KV cache,
         a request id in use."""
         params = params or SamplingParams()
@@ -272,6 +278,8 @@ class LLMEngine:
         if params.structured is not None:
             self.structured.compile(params.structured)  # raises AdmissionError; a cache hit if precompiled
         request = Request(request_id, text, ids, params)
+        if arrival_time is not None:  # its TTFT deadline counts from here (step_budget.py)
+            request.metrics.arrival_time = arrival_time
         for index in range(params.n):
             seq = self._new_sequence(request, index, max_tokens, policy)
             if index > 0 and not policy.evicts:  # an evicting sibling scores and compresses its own prompt
@@ -318,6 +326,30 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def calibrate_step_time(
+        self, prompt_lens: Iterable[int] = (16, 48, 64, 96, 128), new_tokens: int = 3
+    ) -> None:
+        """Measure the step-time line the SLO budget plans with (step_budget.py) before the first request.
+
+        Until it has seen MIN_OBSERVATIONS steps the budget falls back to the configured maximum, so a burst
+        that meets a fresh server would be prefilled in one step and every prompt of it would miss its TTFT.
+        A few short synthetic requests, one at a time, give prefill steps of several sizes and decode steps;
+        a first tiny one takes the kernels' first-call costs, and its steps are dropped from the fit. Call it
+        on an idle engine (a server's, before it serves)."""
+        if self.requests:
+            raise RuntimeError("calibrate_step_time needs an idle engine")
+        vocab = self.model_config.vocab_size
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        limit = min(self.max_model_len - new_tokens - 1, self.config.max_num_batched_tokens)
+        for i, n in enumerate((4, *prompt_lens)):
+            ids = [(7919 * (i + 1) * (j + 1)) % vocab for j in range(max(1, min(n, limit)))]
+            self.add_request({"prompt_token_ids": ids}, params, request_id=f"tokenmill-calibration-{i}")
+            while self.has_unfinished_requests():
+                self.step()
+            if i == 0:
+                self.step_budget.forget()  # the warm-up's steps are not typical ones
+        self.block_manager.stats = PrefixCacheStats()  # no user traffic was looked up yet
+
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass, and return outputs of the requests that advanced."""
@@ -329,10 +361,11 @@ class LLMEngine:
         for scheduled in batch.seqs:
             self.kv_compressor.mark(scheduled)
         computed_before = [s.seq.num_computed_tokens for s in batch.seqs]
+        decode_tokens = sum(s.num_new_tokens for s in batch.seqs if s.seq.num_output_tokens > 0)
         started = time.perf_counter()
         results, failed = self._run_isolated(batch)
         seconds = time.perf_counter() - started
-        self.step_budget.observe(batch.num_tokens, seconds)
+        self.step_budget.observe(batch.num_tokens, seconds, decode_tokens)
         if self.adaptive is not None and all(
             s.num_new_tokens == 1 + len(s.seq.draft_token_ids) for s in batch.seqs
         ):

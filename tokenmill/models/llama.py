@@ -148,6 +148,11 @@ class LlamaModel:
         """Whether any linear runs packed weights (what EngineConfig.activations acts on)."""
         return any(isinstance(p, QuantLinear) for p in self.linear_parts())
 
+    def batched_rows_threshold(self) -> int:
+        """Activation rows from which the packed linears decode their weights once for a GEMM instead of per
+        row in the GEMV (quant_plan), so a step's cost per row drops there; 0 without packed linears."""
+        return self.quant_plan.gemm_min_rows if self.has_packed_linears else 0
+
     def _linear(self, parts: list, bias: torch.Tensor | None = None) -> Linear:
         """One linear over the row-wise concatenation of `parts` (fused QKV / gate-up): a single weight when
         the parts share a format, side-by-side linears when they do not (mixed-type GGUFs)."""
