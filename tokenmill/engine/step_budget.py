@@ -4,7 +4,8 @@ A step's wall time grows with the tokens it carries; every running decode waits 
 step time *is* their time per output token. Given a TPOT target, the budget is the largest token count whose
 predicted step time stays inside it. The prediction is a line, seconds = fixed + per_token * tokens, fitted by
 least squares over the recent steps this engine actually ran (so it follows the machine, the model and the
-context lengths as they change). TPOT is a mean over a request's tokens, so the target holds on average over
+context lengths as they change); with packed weights, steps below and past the GEMM threshold get a line each
+(`split_tokens`), and prompt tokens go only into steps past it, where a prompt row costs least. TPOT is a mean over a request's tokens, so the target holds on average over
 the last few decode steps: cheap decode-only steps bank time for a larger, cheaper-per-token prompt chunk
 (`tpot_allowance`). The budget never exceeds the configured maximum; when less than a minimum prompt chunk
 fits, the step decodes alone, but never more than `tpot_window` steps in a row, so a waiting prompt always
@@ -27,6 +28,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 MIN_OBSERVATIONS = 8  # steps seen before the fit is trusted; until then the configured maximum applies
+SIDE_MIN_OBSERVATIONS = (
+    4  # the same for a line on one side of split_tokens (the line over all steps stands in)
+)
 
 
 @dataclass
@@ -44,6 +48,9 @@ class StepTimeFit:
         self._samples.append((num_tokens, seconds))
         while len(self._samples) > self.window:
             self._samples.popleft()
+
+    def clear(self) -> None:
+        self._samples.clear()
 
     def largest(self) -> int:
         """The most tokens a recent step carried: how far the line has been seen to hold."""
@@ -74,8 +81,8 @@ class StepBudget:
     tpot_window: int = 4  # decode steps the TPOT target is kept on average over (see `tpot_allowance`)
     split_tokens: int = 0  # steps below / from this many tokens follow separate lines (0: one line)
     times: StepTimeFit = field(default_factory=StepTimeFit)  # the recent steps' time line
-    _below: StepTimeFit = field(default_factory=lambda: StepTimeFit(min_observations=4), repr=False)
-    _above: StepTimeFit = field(default_factory=lambda: StepTimeFit(min_observations=4), repr=False)
+    _below: StepTimeFit = field(default_factory=lambda: StepTimeFit(min_observations=SIDE_MIN_OBSERVATIONS))
+    _above: StepTimeFit = field(default_factory=lambda: StepTimeFit(min_observations=SIDE_MIN_OBSERVATIONS))
     _decode_steps: deque[float] = field(default_factory=deque, repr=False)  # the last tpot_window ones, s
     _held: int = 0  # steps in a row that carried only decodes
 
@@ -93,11 +100,8 @@ class StepBudget:
 
     def forget(self) -> None:
         """Drop every step observed so far (e.g. a warm-up's, which pays one-off first-call costs)."""
-        self.times, self._below, self._above = (
-            StepTimeFit(),
-            StepTimeFit(min_observations=4),
-            StepTimeFit(min_observations=4),
-        )
+        for fit in (self.times, self._below, self._above):
+            fit.clear()
         self._decode_steps.clear()
         self._held = 0
 
