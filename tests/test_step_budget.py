@@ -172,3 +172,30 @@ def test_build_off_thread_loads_and_reraises(tiny_model_dir, tmp_path):
     with pytest.raises(Exception) as info:
         build_off_thread(EngineConfig(model=str(tmp_path / "missing.gguf")))
     assert "missing.gguf" in str(info.value)
+
+
+def test_an_idle_engine_takes_a_burst_of_requests_together(tiny_model_dir):
+    """Requests arriving close together at an idle engine are taken before its first step (so the step
+    budget plans their first tokens together); a gap longer than ARRIVAL_GAP_S ends the burst."""
+    import threading
+    import time
+
+    from tokenmill.engine import async_engine
+    from tokenmill.engine.async_engine import AbortCommand, AsyncLLMEngine
+
+    engine = AsyncLLMEngine(LLM(str(tiny_model_dir), kv_cache_memory="32MiB").engine)
+
+    def submit(gaps: list[float]) -> None:
+        for i, gap in enumerate(gaps):
+            time.sleep(gap)
+            engine._commands.put(AbortCommand(f"r{i}"))
+
+    feeder = threading.Thread(target=submit, args=([0.002] * 4 + [async_engine.ARRIVAL_GAP_S * 5],))
+    feeder.start()
+    taken = engine._take_burst()
+    feeder.join()
+    assert [c.request_id for c in taken] == ["r0", "r1", "r2", "r3"]  # r4 came after the gap
+    assert engine._take_burst() == [AbortCommand("r4")]
+    started = time.monotonic()
+    assert engine._take_burst() == []  # nothing more: one gap's wait
+    assert time.monotonic() - started < async_engine.BURST_WINDOW_S

@@ -59,6 +59,10 @@ class QueueFullError(RuntimeError):
     """The waiting queue is at its limit (`max_waiting`); the caller should retry later."""
 
 
+ARRIVAL_GAP_S = 0.01  # an idle engine's first step waits while requests keep arriving this close together...
+BURST_WINDOW_S = 0.1  # ... for at most this long (AsyncLLMEngine._take_burst)
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot published by the loop thread after every iteration (safe to read from any thread)."""
@@ -403,7 +407,10 @@ class AsyncLLMEngine:
         batch: deque[Command] = deque()  # commands taken off the queue, not yet handled
         try:
             while True:
-                batch.extend(self._take_commands(None if not engine.has_unfinished_requests() else wait))
+                idle = not engine.has_unfinished_requests()
+                batch.extend(self._take_commands(None if idle else wait))
+                if idle and any(isinstance(command, AddCommand) for command in batch):
+                    batch.extend(self._take_burst())
                 self._heartbeat = time.monotonic()
                 stop = False
                 while batch:
@@ -453,6 +460,22 @@ class AsyncLLMEngine:
             for command in batch:
                 if isinstance(command, AddCommand):
                     _resolve_threadsafe(command.stream.loop, command.future, error)
+
+    def _take_burst(self) -> list[Command]:
+        """Commands that keep arriving within ARRIVAL_GAP_S of each other, for at most BURST_WINDOW_S.
+
+        Requests that reach an idle engine together (clients starting at once) are parsed one by one on the
+        event loop; without this the first would start a step alone while the rest queue behind it, and the
+        step budget could not plan their first tokens together (step_budget.on_time_budget). A lone request
+        waits ARRIVAL_GAP_S."""
+        commands: list[Command] = []
+        deadline = time.monotonic() + BURST_WINDOW_S
+        while (left := deadline - time.monotonic()) > 0:
+            more = self._take_commands(min(ARRIVAL_GAP_S, left))
+            if not more:
+                break
+            commands += more
+        return commands
 
     def _take_commands(self, timeout: float | None) -> list[Command]:
         commands = []

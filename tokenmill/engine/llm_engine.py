@@ -231,9 +231,9 @@ class LLMEngine:
         request_id: str | None = None,
         arrival_time: float | None = None,
     ) -> Request:
-        """Queue a request (arrival_time: when it reached the server, time.time(); default now). Raises AdmissionError (naming the parameter at fault) if it cannot run: an empty or
-        invalid prompt, one that leaves no room in the context, max_tokens beyond the context or the KV cache,
-        a request id in use."""
+        """Queue a request; `arrival_time` (time.time()) is when it reached the server, default now. Raises
+        AdmissionError (naming the parameter at fault) if it cannot run: an empty or invalid prompt, one that
+        leaves no room in the context, max_tokens beyond the context or the KV cache, a request id in use."""
         params = params or SamplingParams()
         text, ids = self.tokenize_prompt(prompt)
         n_prompt = len(ids)
