@@ -185,12 +185,9 @@ def test_an_idle_engine_takes_a_burst_of_requests_together(tiny_model_dir):
 
     engine = AsyncLLMEngine(LLM(str(tiny_model_dir), kv_cache_memory="32MiB").engine)
 
-    def submit(gaps: list[float]) -> None:
-        for i, gap in enumerate(gaps):
-            time.sleep(gap)
-            engine._commands.put(AbortCommand(f"r{i}"))
-
-    feeder = threading.Thread(target=submit, args=([0.002] * 4 + [async_engine.ARRIVAL_GAP_S * 5],))
+    for i in range(4):  # queued together (no timing to race on a loaded machine)
+        engine._commands.put(AbortCommand(f"r{i}"))
+    feeder = threading.Timer(async_engine.ARRIVAL_GAP_S * 5, lambda: engine._commands.put(AbortCommand("r4")))
     feeder.start()
     taken = engine._take_burst()
     feeder.join()

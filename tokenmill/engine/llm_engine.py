@@ -340,9 +340,15 @@ class LLMEngine:
             raise RuntimeError("calibrate_step_time needs an idle engine")
         vocab = self.model_config.vocab_size
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-        limit = min(self.max_model_len - new_tokens - 1, self.config.max_num_batched_tokens)
+        limit = min(
+            self.max_model_len - new_tokens - 1,
+            self.kv_capacity_tokens - new_tokens - 1,
+            self.config.max_num_batched_tokens,
+        )
+        if limit < 1:
+            return  # too small a context or cache for even one: the budget then learns from real steps
         for i, n in enumerate((4, *prompt_lens)):
-            ids = [(7919 * (i + 1) * (j + 1)) % vocab for j in range(max(1, min(n, limit)))]
+            ids = [(7919 * (i + 1) * (j + 1)) % vocab for j in range(min(n, limit))]
             self.add_request({"prompt_token_ids": ids}, params, request_id=f"tokenmill-calibration-{i}")
             while self.has_unfinished_requests():
                 self.step()

@@ -5,9 +5,9 @@ step time *is* their time per output token. Given a TPOT target, the budget is t
 predicted step time stays inside it. The prediction is a line, seconds = fixed + per_token * tokens, fitted by
 least squares over the recent steps this engine actually ran (so it follows the machine, the model and the
 context lengths as they change); with packed weights, steps below and past the GEMM threshold get a line each
-(`split_tokens`), and prompt tokens go only into steps past it, where a prompt row costs least. TPOT is a mean over a request's tokens, so the target holds on average over
-the last few decode steps: cheap decode-only steps bank time for a larger, cheaper-per-token prompt chunk
-(`tpot_allowance`). The budget never exceeds the configured maximum; when less than a minimum prompt chunk
+(`split_tokens`), and prompt tokens go only into steps past it, where a prompt row costs least. TPOT is a mean
+over a request's tokens, so the target holds on average over the last few decode steps: cheap decode-only
+steps bank time for a larger, cheaper-per-token prompt chunk (`tpot_allowance`). The budget never exceeds the configured maximum; when less than a minimum prompt chunk
 fits, the step decodes alone, but never more than `tpot_window` steps in a row, so a waiting prompt always
 makes progress.
 
@@ -28,9 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 MIN_OBSERVATIONS = 8  # steps seen before the fit is trusted; until then the configured maximum applies
-SIDE_MIN_OBSERVATIONS = (
-    4  # the same for a line on one side of split_tokens (the line over all steps stands in)
-)
+# the same for a line on one side of split_tokens (until then the line over all steps stands in)
+SIDE_MIN_OBSERVATIONS = 4
 
 
 @dataclass
@@ -40,6 +39,9 @@ class StepTimeFit:
     window: int = 128
     min_observations: int = MIN_OBSERVATIONS
     _samples: deque[tuple[int, float]] = field(default_factory=deque, repr=False)
+    # the fit of the samples as they stand (None: not computed since the last change): the step budget asks
+    # for it once per pending prompt per step, and each fit is a pass over the whole window
+    _fitted: tuple[tuple[float, float] | None] | None = field(default=None, repr=False)
 
     def observe(self, num_tokens: int, seconds: float) -> None:
         """Record a step that ran num_tokens tokens in `seconds` of wall time."""
@@ -48,9 +50,11 @@ class StepTimeFit:
         self._samples.append((num_tokens, seconds))
         while len(self._samples) > self.window:
             self._samples.popleft()
+        self._fitted = None
 
     def clear(self) -> None:
         self._samples.clear()
+        self._fitted = None
 
     def largest(self) -> int:
         """The most tokens a recent step carried: how far the line has been seen to hold."""
@@ -58,6 +62,11 @@ class StepTimeFit:
 
     def fit(self) -> tuple[float, float] | None:
         """(fixed seconds, seconds per token) of the recent steps, or None while too few or too alike."""
+        if self._fitted is None:
+            self._fitted = (self._least_squares(),)
+        return self._fitted[0]
+
+    def _least_squares(self) -> tuple[float, float] | None:
         if len(self._samples) < self.min_observations:
             return None
         n = len(self._samples)
