@@ -8,6 +8,7 @@ reuses one copy (kernel compute alone).
 
     python benchmarks/isa_quant.py --levels avx2,avx512 --threads 1
     python benchmarks/isa_quant.py --levels avx512,avx512+f32 --rows 2,4,8,16,23 --threads 2
+    python benchmarks/isa_quant.py --levels avx2,avx2+f32 --rows 2,3,4,5,8,16 --threads 2
     python benchmarks/isa_quant.py --levels avx2,avx2+i8 --rows 1,2,4,8 --threads 2
 """
 
@@ -49,17 +50,17 @@ SHAPE_SETS = {"smollm": SHAPES, "qwen1.5b": QWEN_SHAPES}
 
 @dataclass
 class Variant:
-    """A kernel level and its paths ("avx512+f32": AVX-512's fp32 rows; "avx2+i8": int8 activations
-    (EngineConfig.activations="int8"); else int16 activations)."""
+    """A kernel level and its paths ("avx512+f32", "avx2+f32": the fp32 rows, at every row count; "avx2+i8":
+    int8 activations (EngineConfig.activations="int8"); else int16 activations)."""
 
     kernels: ModuleType
-    fp32_rows: bool
+    fp32_min_rows: int
     int8_activations: bool = False
 
 
 def variant(label: str) -> Variant:
     level, _, path = label.partition("+")
-    return Variant(load_cpu_kernels(level), path == "f32", path == "i8")
+    return Variant(load_cpu_kernels(level), 2 if path == "f32" else 0, path == "i8")
 
 
 def call(v: Variant, w, x):
@@ -67,9 +68,9 @@ def call(v: Variant, w, x):
     k, rows = v.kernels, GEMM_MIN_ROWS
     if w.format == "q4":
         return k.q4_linear(
-            x, w.codes, w.scales, w.mins, rows, GEMM_TILE_BYTES, v.fp32_rows, v.int8_activations
+            x, w.codes, w.scales, w.mins, rows, GEMM_TILE_BYTES, v.fp32_min_rows, v.int8_activations
         )
-    return k.q8_linear(x, w.codes, w.scales, rows, GEMM_TILE_BYTES, v.fp32_rows, v.int8_activations)
+    return k.q8_linear(x, w.codes, w.scales, rows, GEMM_TILE_BYTES, v.fp32_min_rows, v.int8_activations)
 
 
 def time_rounds(
@@ -139,7 +140,7 @@ def main() -> None:
     ap.add_argument(
         "--levels",
         default="avx2,avx512",
-        help="ISA levels to compare; LEVEL+f32 takes AVX-512's fp32 multi-row path (default: avx2,avx512)",
+        help="ISA levels to compare; LEVEL+f32 takes the fp32 multi-row path (AVX-512; AVX2 for inputs up to 1,024 wide) (default: avx2,avx512)",
     )
     ap.add_argument("--rows", default="1,4,8", help="activation rows (default: 1,4,8)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")

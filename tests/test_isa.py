@@ -137,25 +137,29 @@ def test_kernel_info_reports_the_build():
 
 
 # ---- the kernels agree across levels ----------------------------------------------------------------------
-def quant_call(kernels, w, x, fp32_rows=False):
+def quant_call(kernels, w, x, fp32_min_rows=0):
     if w.format == "q4":
-        return kernels.q4_linear(x, w.codes, w.scales, w.mins, GEMM_MIN_ROWS, GEMM_TILE_BYTES, fp32_rows)
-    return kernels.q8_linear(x, w.codes, w.scales, GEMM_MIN_ROWS, GEMM_TILE_BYTES, fp32_rows)
+        return kernels.q4_linear(x, w.codes, w.scales, w.mins, GEMM_MIN_ROWS, GEMM_TILE_BYTES, fp32_min_rows)
+    return kernels.q8_linear(x, w.codes, w.scales, GEMM_MIN_ROWS, GEMM_TILE_BYTES, fp32_min_rows)
 
 
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 17, GEMM_MIN_ROWS - 1, GEMM_MIN_ROWS])
 @pytest.mark.parametrize("n, k", [(203, 576), (37, 96)])  # odd row counts: the 4-row groups' remainder
-@pytest.mark.parametrize("fp32_rows", [False, True])  # True: AVX-512's fp32 multi-row path (16-row tiles)
-def test_quant_linear_agrees_across_levels(both, fmt, rows, n, k, fp32_rows):
+@pytest.mark.parametrize(
+    "fp32_min_rows", [0, 2]
+)  # 2: the fp32 multi-row paths (AVX-512 16-row, AVX2 8-row tiles)
+def test_quant_linear_agrees_across_levels(both, fmt, rows, n, k, fp32_min_rows):
     g = torch.Generator().manual_seed(rows * 1000 + n)
     w = quantize(torch.randn(n, k, generator=g) * 0.05, fmt)
     x = torch.randn(rows, k, generator=g)
     ref = x @ dequantize(w).T
     tol = {"rtol": 1e-4, "atol": 1e-4 * ref.abs().max().item()}  # int16 activations: a step of 3e-5
-    outs = {level: quant_call(kernels, w, x, fp32_rows) for level, kernels in both.items()}
-    if fp32_rows and rows > 1 and "avx512" in outs:  # plain fp32 math: only the summation order differs
-        torch.testing.assert_close(outs["avx512"], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    outs = {level: quant_call(kernels, w, x, fp32_min_rows) for level, kernels in both.items()}
+    if fp32_min_rows and 1 < rows < GEMM_MIN_ROWS:  # plain fp32 math: only the summation order differs
+        for level in ("avx512", "avx2"):
+            if level in outs:
+                torch.testing.assert_close(outs[level], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     for out in outs.values():
         torch.testing.assert_close(out, ref, **tol)
     for out in outs.values():

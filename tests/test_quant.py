@@ -128,7 +128,14 @@ def test_convert_between_formats():
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 7, 8, 23, GEMM_MIN_ROWS - 1, GEMM_MIN_ROWS, 70])
-@pytest.mark.parametrize("plan", [QuantKernelPlan(), QuantKernelPlan(gemm_min_rows=24, fp32_rows=True)])
+@pytest.mark.parametrize(
+    "plan",
+    [
+        QuantKernelPlan(),
+        QuantKernelPlan(gemm_min_rows=24, fp32_min_rows=2),
+        QuantKernelPlan(gemm_min_rows=48, fp32_min_rows=4),
+    ],
+)
 def test_kernel_matches_matmul(fmt, rows, plan):
     w = random_packed(fmt, 200, 96, seed=rows)
     x = torch.randn(rows, 96)
@@ -153,16 +160,16 @@ def test_kernel_dequantize_and_rows_match_torch(fmt):
 def test_kernel_rejects_bad_inputs():
     w = random_packed("q4", 8, 64)
     with pytest.raises(RuntimeError, match="64 features"):
-        KERNELS.q4_linear(torch.randn(1, 32), w.codes, w.scales, w.mins, 32, 1 << 20, False)
+        KERNELS.q4_linear(torch.randn(1, 32), w.codes, w.scales, w.mins, 32, 1 << 20, 0)
     with pytest.raises(RuntimeError, match="uint8"):
-        KERNELS.q4_linear(torch.randn(1, 64), w.codes.view(torch.int8), w.scales, w.mins, 32, 1 << 20, False)
+        KERNELS.q4_linear(torch.randn(1, 64), w.codes.view(torch.int8), w.scales, w.mins, 32, 1 << 20, 0)
 
 
 def test_kernel_plan_per_cpu():
-    assert plan_for("avx512", "GenuineIntel") == QuantKernelPlan(gemm_min_rows=24, fp32_rows=True)
-    assert plan_for("avx512", "AuthenticAMD") == QuantKernelPlan(fp32_rows=True)
+    assert plan_for("avx512", "GenuineIntel") == QuantKernelPlan(gemm_min_rows=24, fp32_min_rows=2)
+    assert plan_for("avx512", "AuthenticAMD") == QuantKernelPlan(fp32_min_rows=2)
     for vendor in ("GenuineIntel", "AuthenticAMD"):
-        assert plan_for("avx2", vendor) == QuantKernelPlan(gemm_min_rows=48)
+        assert plan_for("avx2", vendor) == QuantKernelPlan(gemm_min_rows=48, fp32_min_rows=8)
     assert plan_for("portable", "unknown") == QuantKernelPlan()
 
 

@@ -36,10 +36,15 @@ def env_report(isa: str = "auto", load: bool = True) -> dict[str, Any]:
 def _plan_line(plan: dict[str, Any] | None) -> str:
     if plan is None:
         return "-"
-    rows = plan["gemm_min_rows"]
-    few = "fp32 rows (AVX-512)" if plan["fp32_rows"] else "int16 dot products"
+    rows, f32 = plan["gemm_min_rows"], plan["fp32_min_rows"]
+    if not f32:
+        few = f"2-{rows - 1} rows: int16 dot products"
+    elif f32 <= 2:
+        few = f"2-{rows - 1} rows: fp32 rows"
+    else:
+        few = f"2-{f32 - 1} rows: int16 dot products; {f32}-{rows - 1} rows: fp32 rows (inputs <= 1,024 wide on AVX2)"
     return (
-        f"1 row: int16 GEMV; 2-{rows - 1} rows: {few}; {rows}+ rows: tile decode + GEMM (w8a8: int8 GEMM); "
+        f"1 row: int16 GEMV; {few}; {rows}+ rows: tile decode + GEMM (w8a8: int8 GEMM); "
         "--activations int8: int8 dot products"
     )
 

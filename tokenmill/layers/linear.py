@@ -25,15 +25,16 @@ GEMM_TILE_BYTES = 16 << 20  # fp32 weight rows decoded per GEMM: every layer but
 class QuantKernelPlan:
     """Which kernel path a packed linear takes for how many activation rows (see csrc/quant_linear.cpp).
 
-    One row always runs the integer GEMV. From 2 rows up to `gemm_min_rows - 1`, `fp32_rows` picks the
-    AVX-512 fp32 path (a weight block decoded once into up to 16 rows; exact fp32 math) over the integer dot
-    products; from `gemm_min_rows` on, weight tiles are decoded for torch's GEMM. The integer dot products
-    round activations to int16 per block of 32, or with `int8_activations` to int8 (EngineConfig.activations:
-    lossy, as llama.cpp's Q8 blocks, and fewer instructions per weight).
+    One row always runs the integer GEMV. From `fp32_min_rows` rows (0: never) up to `gemm_min_rows - 1`,
+    the fp32 rows path runs (a weight block decoded once into up to 16 rows on AVX-512, 8 on AVX2 where the
+    input is at most 1,024 wide; exact fp32 math) instead of the integer dot products; from `gemm_min_rows` on,
+    weight tiles are decoded for torch's GEMM. The integer dot products round activations to int16 per block
+    of 32, or with `int8_activations` to int8 (EngineConfig.activations: lossy, as llama.cpp's Q8 blocks, and
+    fewer instructions per weight).
     """
 
     gemm_min_rows: int = GEMM_MIN_ROWS
-    fp32_rows: bool = False
+    fp32_min_rows: int = 0
     tile_bytes: int = GEMM_TILE_BYTES
     int8_activations: bool = False
 
@@ -49,13 +50,17 @@ def plan_for(isa: str, vendor: str) -> QuantKernelPlan:
     AVX2 (Zen 3, 2 threads): since up to 8 rows share a weight decode, the integer rows beat the tile GEMM to
     about 48 rows on the 1.5B Qwen's shapes (gate_up 17920x1536 at 32 rows 24 vs 44 ms; a 32-sequence decode
     step 1.5x faster end to end), and are level with it on SmolLM2's small ones, so the GEMM starts at 48.
+    The fp32 rows beat the int16 ones per linear from 4 rows on SmolLM2's shapes (1.05-1.5x; inputs up to
+    1,024 wide, the kernel's own limit on AVX2) and lose at 2-3 rows; a whole decode step gains only from 8
+    sequences (1.09-1.10x at 8, 16 and 32; level at 4-5), so they start at 8. Verification rows of k <= 6 drafts
+    then stay on the int16 path that single-row decode takes too.
     """
     if isa == "avx512" and vendor == "GenuineIntel":
-        return QuantKernelPlan(gemm_min_rows=24, fp32_rows=True)
+        return QuantKernelPlan(gemm_min_rows=24, fp32_min_rows=2)
     if isa == "avx512":
-        return QuantKernelPlan(fp32_rows=True)
+        return QuantKernelPlan(fp32_min_rows=2)
     if isa == "avx2":
-        return QuantKernelPlan(gemm_min_rows=48)
+        return QuantKernelPlan(gemm_min_rows=48, fp32_min_rows=8)
     return QuantKernelPlan()
 
 
@@ -131,11 +136,18 @@ class QuantLinear:
             y = F.linear(x, dequantize(w))
         elif w.format == WeightFormat.Q4:
             y = k.q4_linear(
-                x, w.codes, w.scales, w.mins, p.gemm_min_rows, p.tile_bytes, p.fp32_rows, p.int8_activations
+                x,
+                w.codes,
+                w.scales,
+                w.mins,
+                p.gemm_min_rows,
+                p.tile_bytes,
+                p.fp32_min_rows,
+                p.int8_activations,
             )
         else:
             y = k.q8_linear(
-                x, w.codes, w.scales, p.gemm_min_rows, p.tile_bytes, p.fp32_rows, p.int8_activations
+                x, w.codes, w.scales, p.gemm_min_rows, p.tile_bytes, p.fp32_min_rows, p.int8_activations
             )
         return y if self.bias is None else y + self.bias
 

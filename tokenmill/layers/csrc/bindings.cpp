@@ -18,9 +18,9 @@ void rope_kivi_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, to
                      torch::Tensor res_v, torch::Tensor res_rows, torch::Tensor seal_blocks, torch::Tensor seal_src,
                      int64_t H, int64_t Hkv, int64_t bits);
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
-                        int64_t gemm_min_rows, int64_t tile_bytes, bool fp32_rows, bool int8_activations);
+                        int64_t gemm_min_rows, int64_t tile_bytes, int64_t fp32_min_rows, bool int8_activations);
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t gemm_min_rows,
-                        int64_t tile_bytes, bool fp32_rows, bool int8_activations);
+                        int64_t tile_bytes, int64_t fp32_min_rows, bool int8_activations);
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scales, double outlier);
 torch::Tensor q4_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor mins);
 torch::Tensor q8_dequantize(torch::Tensor codes, torch::Tensor scales);
@@ -46,10 +46,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_kivi_write", &rope_kivi_write,
         "rotate q/k in place, seal the KIVI blocks the step completes, put the rest into residual rows (fp32)");
   m.def("q4_linear", &q4_linear, "x @ W^T with 4-bit block-quantized W", py::arg("x"), py::arg("codes"),
-        py::arg("scales"), py::arg("mins"), py::arg("gemm_min_rows"), py::arg("tile_bytes"), py::arg("fp32_rows"),
+        py::arg("scales"), py::arg("mins"), py::arg("gemm_min_rows"), py::arg("tile_bytes"), py::arg("fp32_min_rows"),
         py::arg("int8_activations") = false);
   m.def("q8_linear", &q8_linear, "x @ W^T with 8-bit block-quantized W", py::arg("x"), py::arg("codes"),
-        py::arg("scales"), py::arg("gemm_min_rows"), py::arg("tile_bytes"), py::arg("fp32_rows"),
+        py::arg("scales"), py::arg("gemm_min_rows"), py::arg("tile_bytes"), py::arg("fp32_min_rows"),
         py::arg("int8_activations") = false);
   m.def("w8a8_linear", &w8a8_linear, "x @ W^T, x rounded to int8 per row (outlier features in fp32), W int8 with per-row scales");
   m.def("q4_dequantize", &q4_dequantize, "4-bit blocks -> fp32 rows");

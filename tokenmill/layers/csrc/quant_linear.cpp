@@ -9,8 +9,8 @@
 // relative step of 3e-5) or, with int8_activations, to int8 (lossy); each weight block is unpacked once and
 // used for up to 8 activation rows at a time, so a step reads the quantized bytes once. A single row (batch-1
 // decode) takes 4 weight rows at a time instead, with software prefetch ahead of the interleaved rows (the
-// hardware prefetcher does not follow them). AVX-512 builds may run several rows in plain fp32 instead
-// (fp32_rows). Many rows (prefill): weights are decoded a tile at a time into a cache-sized fp32 buffer and
+// hardware prefetcher does not follow them). From fp32_min_rows rows, several rows may run in plain fp32
+// instead (AVX-512; AVX2 for narrow inputs). Many rows (prefill): weights are decoded a tile at a time into a cache-sized fp32 buffer and
 // multiplied with torch's GEMM, exact up to summation order.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -263,6 +263,43 @@ inline void dot_wide_int(const QuantizedActivations<Q>& a, int64_t K, const uint
   for (int w = 0; w < W; ++w) y[w] = hsum(acc[w]) + off[w];
 }
 
+// Several activation rows in fp32 with 256-bit vectors (the AVX2 counterpart of dot_rows_f32_512 below): each
+// weight block is decoded once to fp32, as `dequantize` does, and multiplied into up to kTileRows rows by FMAs
+// that read the activations from memory, so the math equals a matmul with the dequantized weight up to
+// summation order. Per row and block of 32 that is four FMAs, where the int16 products take two madds, an add,
+// a conversion, a broadcast and an FMA, plus per weight row the block scales and the 4-bit offsets' sums.
+// Measured on Zen 3 (benchmarks/isa_quant.py --levels avx2,avx2+f32): 1.05-1.5x the int16 rows per linear
+// from 4 rows while the rows' activations stay in L1 (K up to kF32RowsMaxK); at 2-3 rows, and for wider inputs
+// (re-read from L2 for every weight row), the int16 rows are as fast or faster. A accumulators per row keep
+// enough FMA chains in flight when the rows are few.
+constexpr int64_t kF32RowsMaxK = 1024;  // 8 rows x 1,024 fp32 = 32 KiB: Zen 3's L1 data cache
+
+template <bool Q4, int R>
+inline void dot_rows_f32(const float* x, int64_t ldx, int64_t K, const uint8_t* codes, const uint16_t* scales,
+                         const uint16_t* mins, float* y, int64_t ldy) {
+  constexpr int A = R <= 2 ? 4 : (R <= 5 ? 2 : 1);
+  const int64_t nb = K / kBlock;
+  __m256 acc[R][A];
+  for (int r = 0; r < R; ++r)
+    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256 w[4];
+    if constexpr (Q4)
+      decode_q4(codes + b * 16, half_to_float(scales[b]), half_to_float(mins[b]), w);
+    else
+      decode_q8(reinterpret_cast<const int8_t*>(codes) + b * kBlock, half_to_float(scales[b]), w);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + b * kBlock;
+      for (int i = 0; i < 4; ++i) acc[r][i % A] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xr + 8 * i), acc[r][i % A]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 s = acc[r][0];
+    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[r][a]);
+    y[r * ldy] = hsum(s);
+  }
+}
+
 #ifdef TM_AVX512
 // 8-bit single-row decode with 512-bit vectors: a block of 32 codes widened to int16 fills one register and
 // VNNI's dpwssd sums the int16 pair products into int32 lanes (exact: |lane| <= 2 * 127 * 32767 < 2^24, so
@@ -353,18 +390,20 @@ inline void dot_rows_f32_512(const float* x, int64_t ldx, int64_t K, const uint8
 #endif  // TM_AVX512
 #endif  // TM_AVX2
 
-// fp32_rows: 2+ rows take the fp32 FMA path (AVX-512 builds; elsewhere the flag is ignored); the other rows
-// take the integer dot products, with int16 activations or, if int8_acts, int8 ones (lossy, fewer instructions).
+// fp32_min_rows: from that many rows (0: never) the fp32 FMA paths run (AVX-512 builds; AVX2 builds while
+// K <= kF32RowsMaxK; the portable build always computes in fp32); the other rows take the integer dot
+// products, with int16 activations or, if int8_acts, int8 ones (lossy, fewer instructions).
 template <bool Q4>
 void gemv_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
-               const uint16_t* mins, int64_t N, float* y, bool fp32_rows, bool int8_acts) {
+               const uint16_t* mins, int64_t N, float* y, int64_t fp32_min_rows, bool int8_acts) {
   const int64_t row_bytes = Q4 ? K / 2 : K, nb = K / kBlock;
 #ifdef TM_AVX2
 #ifdef TM_AVX512
-  const bool float_rows = fp32_rows && M > 1;  // the fp32 path reads x directly
+  const bool fits = true;
 #else
-  const bool float_rows = false;
+  const bool fits = K <= kF32RowsMaxK;
 #endif
+  const bool float_rows = fp32_min_rows > 0 && M >= std::max<int64_t>(2, fp32_min_rows) && fits;  // reads x directly
   const Int16Activations a = quantize_activations<int16_t>(x, float_rows || int8_acts ? 0 : M, K);
   const Int8Activations a8 = quantize_activations<int8_t>(x, !float_rows && int8_acts ? M : 0, K);
 #endif
@@ -389,8 +428,31 @@ void gemv_rows(const float* x, int64_t M, int64_t K, const uint8_t* codes, const
       }
     }
 #endif
+#if defined(TM_AVX2) && !defined(TM_AVX512)
+    if (float_rows) {
+      for (; n < n1; ++n) {
+        const uint8_t* c = codes + n * row_bytes;
+        const uint16_t* s = scales + n * nb;
+        const uint16_t* m = Q4 ? mins + n * nb : nullptr;
+        for (int64_t r = 0; r < M; r += kTileRows) {
+#define TM_DOT(RR) dot_rows_f32<Q4, RR>(x + r * K, K, K, c, s, m, y + r * N + n, N)
+          switch (std::min<int64_t>(kTileRows, M - r)) {
+            case 8: TM_DOT(8); break;
+            case 7: TM_DOT(7); break;
+            case 6: TM_DOT(6); break;
+            case 5: TM_DOT(5); break;
+            case 4: TM_DOT(4); break;
+            case 3: TM_DOT(3); break;
+            case 2: TM_DOT(2); break;
+            default: TM_DOT(1); break;
+          }
+#undef TM_DOT
+        }
+      }
+    }
+#endif
 #ifdef TM_AVX512
-    if (fp32_rows && M > 1) {
+    if (float_rows) {
       for (; n < n1; ++n) {
         const uint8_t* c = codes + n * row_bytes;
         const uint16_t* s = scales + n * nb;
@@ -504,8 +566,8 @@ void check_weight(const torch::Tensor& codes, const torch::Tensor& scales, const
 
 template <bool Q4>
 torch::Tensor quant_linear(torch::Tensor x, const torch::Tensor& codes, const torch::Tensor& scales,
-                           const torch::Tensor& mins, int64_t gemm_min_rows, int64_t tile_bytes, bool fp32_rows,
-                           bool int8_acts) {
+                           const torch::Tensor& mins, int64_t gemm_min_rows, int64_t tile_bytes,
+                           int64_t fp32_min_rows, bool int8_acts) {
   check_weight(codes, scales, Q4 ? &mins : nullptr, Q4);
   const int64_t N = codes.size(0), K = Q4 ? codes.size(1) * 2 : codes.size(1);
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == K, "x must be fp32 with ", K, " features");
@@ -518,7 +580,7 @@ torch::Tensor quant_linear(torch::Tensor x, const torch::Tensor& codes, const to
   const auto* m = Q4 ? reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()) : nullptr;
   if (M < gemm_min_rows) {
     auto y = torch::empty({M, N}, x.options());
-    gemv_rows<Q4>(x.data_ptr<float>(), M, K, c, s, m, N, y.data_ptr<float>(), fp32_rows, int8_acts);
+    gemv_rows<Q4>(x.data_ptr<float>(), M, K, c, s, m, N, y.data_ptr<float>(), fp32_min_rows, int8_acts);
     return y.view(shape);
   }
   // GEMM path: decode a tile of weight rows (all of them when they fit in tile_bytes) to fp32 and multiply
@@ -543,13 +605,13 @@ torch::Tensor quant_linear(torch::Tensor x, const torch::Tensor& codes, const to
 }  // namespace
 
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor mins,
-                        int64_t gemm_min_rows, int64_t tile_bytes, bool fp32_rows, bool int8_activations) {
-  return quant_linear<true>(x, codes, scales, mins, gemm_min_rows, tile_bytes, fp32_rows, int8_activations);
+                        int64_t gemm_min_rows, int64_t tile_bytes, int64_t fp32_min_rows, bool int8_activations) {
+  return quant_linear<true>(x, codes, scales, mins, gemm_min_rows, tile_bytes, fp32_min_rows, int8_activations);
 }
 
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t gemm_min_rows,
-                        int64_t tile_bytes, bool fp32_rows, bool int8_activations) {
-  return quant_linear<false>(x, codes, scales, scales, gemm_min_rows, tile_bytes, fp32_rows, int8_activations);
+                        int64_t tile_bytes, int64_t fp32_min_rows, bool int8_activations) {
+  return quant_linear<false>(x, codes, scales, scales, gemm_min_rows, tile_bytes, fp32_min_rows, int8_activations);
 }
 
 // W8A8: y = (x_q @ W_q^T) * x_scale[m] * w_scale[n], with x rounded to int8 per row (absmax / 127) and the
